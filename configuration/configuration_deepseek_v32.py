@@ -254,6 +254,8 @@ class DeepseekV32Config(PretrainedConfig):
             errors.append(f"unknown `scoring_func` {self.scoring_func!r}; expected one of {_SCORING_FUNCS}")
         if self.topk_method not in _TOPK_METHODS:
             errors.append(f"unknown `topk_method` {self.topk_method!r}; expected one of {_TOPK_METHODS}")
+        if self.hidden_act not in ("silu", "swish"):
+            errors.append(f"`hidden_act` must be 'silu' (SwiGLU experts), got {self.hidden_act!r}")
         if self.moe_layer_freq != 1:
             errors.append(f"`moe_layer_freq` other than 1 is not supported, got {self.moe_layer_freq!r}")
         if not isinstance(self.first_k_dense_replace, int) or not 0 <= self.first_k_dense_replace:

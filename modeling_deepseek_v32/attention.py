@@ -1,0 +1,178 @@
+"""Multi-head latent attention (MLA) with DeepSeek sparse attention, in plain PyTorch.
+
+Two mathematically identical forms:
+
+* expanded (prefill, training): ``kv_b_proj`` turns the latents into per-head K/V once, then each query chunk
+  gathers only its indexer-selected keys, so memory stays O(S * topk) rather than O(S * T);
+* absorbed (decode, verification): ``q_nope`` is projected into latent space through W_UK, scores are taken against
+  the cached latents and the output leaves latent space through W_UV; no per-token K/V ever exists.
+
+These are the oracles for the Triton kernels in ``modeling_deepseek_v32.kernels``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .configuration import DeepseekV32Config
+from .fp8 import FP8Linear
+from .indexer import DeepseekV32Indexer, IndexSelection
+from .layers import DeepseekV32RMSNorm, make_linear
+from .rope import apply_rope_interleaved
+
+# Upper bound on gathered/score elements alive at once per query chunk.
+_ATTENTION_BUDGET_ELEMENTS = 1 << 25
+# Continuation steps with at most this many new queries take the absorbed path.
+ABSORB_MAX_QUERIES = 16
+
+
+class DeepseekV32Attention(nn.Module):
+    def __init__(self, config: DeepseekV32Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.nope_dim = config.qk_nope_head_dim
+        self.rope_dim = config.qk_rope_head_dim
+        self.qk_head_dim = config.qk_head_dim
+        self.v_head_dim = config.v_head_dim
+        self.kv_lora_rank = config.kv_lora_rank
+        self.q_lora_rank = config.q_lora_rank
+        self.scaling = config.softmax_scale
+        bias = config.attention_bias
+        if self.q_lora_rank is None:
+            self.q_proj = make_linear(config, config.hidden_size, self.num_heads * self.qk_head_dim)
+        else:
+            self.q_a_proj = make_linear(config, config.hidden_size, self.q_lora_rank, bias=bias)
+            self.q_a_layernorm = DeepseekV32RMSNorm(self.q_lora_rank, config.rms_norm_eps)
+            self.q_b_proj = make_linear(config, self.q_lora_rank, self.num_heads * self.qk_head_dim)
+        self.kv_a_proj_with_mqa = make_linear(config, config.hidden_size, self.kv_lora_rank + self.rope_dim, bias=bias)
+        self.kv_a_layernorm = DeepseekV32RMSNorm(self.kv_lora_rank, config.rms_norm_eps)
+        self.kv_b_proj = make_linear(config, self.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_head_dim))
+        self.o_proj = make_linear(config, self.num_heads * self.v_head_dim, config.hidden_size, bias=bias)
+        self.indexer = DeepseekV32Indexer(config, layer_idx)
+        self._absorb_weight_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        key_valid: torch.Tensor | None = None,
+        past_key_values=None,
+        absorb: bool | None = None,
+    ) -> torch.Tensor:
+        """``hidden_states`` [B, S, hidden]; ``cos``/``sin`` [B, S, rope/2]; ``key_valid`` [B, T] bool padding mask
+        over cached + new tokens. ``absorb`` forces a path (None: absorbed for short continuation steps)."""
+        batch, seq, _ = hidden_states.shape
+        if self.q_lora_rank is None:
+            q_latent = hidden_states
+            q = self.q_proj(hidden_states)
+        else:
+            q_latent = self.q_a_layernorm(self.q_a_proj(hidden_states))
+            q = self.q_b_proj(q_latent)
+        q = q.view(batch, seq, self.num_heads, self.qk_head_dim)
+        q_nope, q_rope = q.split((self.nope_dim, self.rope_dim), dim=-1)
+        q_rope = apply_rope_interleaved(q_rope, cos, sin)
+
+        latent, k_rope = self.kv_a_proj_with_mqa(hidden_states).split((self.kv_lora_rank, self.rope_dim), dim=-1)
+        latent = self.kv_a_layernorm(latent)
+        k_rope = apply_rope_interleaved(k_rope, cos, sin)
+        past_len = 0
+        if past_key_values is not None:
+            past_len = past_key_values.get_seq_length(self.layer_idx)
+            latent, k_rope = past_key_values.update_mla(latent, k_rope, self.layer_idx)
+
+        selection = self.indexer(hidden_states, q_latent, cos, sin, past_len, key_valid, past_key_values)
+        if absorb is None:
+            absorb = past_len > 0 and seq <= ABSORB_MAX_QUERIES
+        attend = self._absorbed if absorb else self._expanded
+        output = attend(q_nope, q_rope, latent, k_rope, selection, past_len, key_valid)
+        return self.o_proj(output.flatten(2).to(hidden_states.dtype))
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Each form supplies, per query chunk, scores [B, C, H, K] and the values with the einsum that combines them.
+    def _expanded(self, q_nope, q_rope, latent, k_rope, selection, past_len, key_valid) -> torch.Tensor:
+        kv = self.kv_b_proj(latent).view(*latent.shape[:2], self.num_heads, self.nope_dim + self.v_head_dim)
+        k_nope, values = kv.split((self.nope_dim, self.v_head_dim), dim=-1)
+        keys = torch.cat((k_nope, k_rope[:, :, None].expand(-1, -1, self.num_heads, -1)), dim=-1)
+        queries = torch.cat((q_nope, q_rope), dim=-1)
+
+        def chunk_terms(start: int, stop: int, indices: torch.Tensor | None):
+            if indices is None:
+                return torch.einsum("bshd,bthd->bsht", queries[:, start:stop], keys), values, "bsht,bthd->bshd"
+            k_sel, v_sel = _gather_tokens(keys, indices), _gather_tokens(values, indices)
+            scores = torch.einsum("bshd,bskhd->bshk", queries[:, start:stop], k_sel)
+            return scores, v_sel, "bshk,bskhd->bshd"
+
+        width = latent.shape[1] if selection is None else selection.indices.shape[-1]
+        gathered = 0 if selection is None else (self.qk_head_dim + self.v_head_dim)
+        return self._attend(chunk_terms, queries.shape[1], width * self.num_heads * (1 + gathered), selection,
+                            past_len, key_valid, latent.shape[1])  # fmt: skip
+
+    def _absorbed(self, q_nope, q_rope, latent, k_rope, selection, past_len, key_valid) -> torch.Tensor:
+        w_uk, w_uv = self._absorb_weights(latent.dtype)
+        q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)
+
+        def chunk_terms(start: int, stop: int, indices: torch.Tensor | None):
+            q_lat, q_pe = q_latent[:, start:stop], q_rope[:, start:stop]
+            if indices is None:
+                scores = torch.einsum("bshc,btc->bsht", q_lat, latent) + torch.einsum("bshr,btr->bsht", q_pe, k_rope)
+                return scores, latent, "bsht,btc->bshc"
+            lat_sel, rope_sel = _gather_tokens(latent, indices), _gather_tokens(k_rope, indices)
+            scores = torch.einsum("bshc,bskc->bshk", q_lat, lat_sel) + torch.einsum("bshr,bskr->bshk", q_pe, rope_sel)
+            return scores, lat_sel, "bshk,bskc->bshc"
+
+        width = latent.shape[1] if selection is None else selection.indices.shape[-1]
+        gathered = 0 if selection is None else self.kv_lora_rank + self.rope_dim
+        out_latent = self._attend(chunk_terms, q_latent.shape[1], width * (self.num_heads + gathered), selection,
+                                  past_len, key_valid, latent.shape[1])  # fmt: skip
+        return torch.einsum("bshc,hvc->bshv", out_latent, w_uv)
+
+    def _attend(self, chunk_terms, seq, elements_per_query, selection, past_len, key_valid, total) -> torch.Tensor:
+        """Masked softmax attention over query chunks sized so about ``_ATTENTION_BUDGET_ELEMENTS`` are alive."""
+        chunk = max(1, _ATTENTION_BUDGET_ELEMENTS // max(1, elements_per_query))
+        outputs = []
+        for start in range(0, seq, chunk):
+            stop = min(seq, start + chunk)
+            if selection is None:
+                scores, values, equation = chunk_terms(start, stop, None)
+                allowed = _causal_allowed(start, stop, past_len, total, key_valid, scores.device)
+            else:
+                scores, values, equation = chunk_terms(start, stop, selection.indices[:, start:stop])
+                allowed = selection.valid[:, start:stop]
+            allowed = allowed[:, :, None, :]
+            scores = (scores.float() * self.scaling).masked_fill(~allowed, torch.finfo(torch.float32).min)
+            # Multiplying by `allowed` zeroes rows with no visible key (left-padding queries) instead of NaN.
+            probs = scores.softmax(dim=-1) * allowed
+            outputs.append(torch.einsum(equation, probs.to(values.dtype), values))
+        return torch.cat(outputs, dim=1)
+
+    def _absorb_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK [H, nope, C] and W_UV [H, v, C] from ``kv_b_proj`` (dequantized once for FP8 at inference)."""
+        if isinstance(self.kv_b_proj, FP8Linear):
+            if self._absorb_weight_cache is None or self._absorb_weight_cache[0].device != self.kv_b_proj.weight.device:
+                weight = self.kv_b_proj.dequantize_weight(dtype)
+                self._absorb_weight_cache = self._split_kv_b(weight)
+            return self._absorb_weight_cache
+        return self._split_kv_b(self.kv_b_proj.weight.to(dtype))
+
+    def _split_kv_b(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weight = weight.view(self.num_heads, self.nope_dim + self.v_head_dim, self.kv_lora_rank)
+        return weight[:, : self.nope_dim], weight[:, self.nope_dim :]
+
+
+def _gather_tokens(tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``tokens`` [B, T, *rest], ``indices`` [B, S, K] -> [B, S, K, *rest]."""
+    batch, seq, k = indices.shape
+    flat = indices.reshape(batch, seq * k)
+    gathered = tokens[torch.arange(batch, device=tokens.device)[:, None], flat]
+    return gathered.view(batch, seq, k, *tokens.shape[2:])
+
+
+def _causal_allowed(start, stop, past_len, total, key_valid, device) -> torch.Tensor:
+    query_pos = past_len + torch.arange(start, stop, device=device)
+    allowed = torch.arange(total, device=device)[None, None, :] <= query_pos[None, :, None]
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, :]
+    return allowed

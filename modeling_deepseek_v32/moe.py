@@ -1,0 +1,103 @@
+"""DeepSeekMoE: group-limited routing over fine-grained experts plus always-on shared experts.
+
+Experts stay one ``DeepseekV32MLP`` each, so the checkpoint names are the official per-expert ones and every expert
+weight is a plain linear that FP8, bitsandbytes and PEFT can each wrap. Tokens are sorted by expert and each expert
+runs once on its contiguous slice; the Python loop is over experts that received tokens, never over tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .configuration import DeepseekV32Config
+from .layers import DeepseekV32MLP
+
+
+class DeepseekV32TopkRouter(nn.Module):
+    """The gate: fp32 scores, optional bias for selection only, group-limited top-k, renormalized weights."""
+
+    def __init__(self, config: DeepseekV32Config):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.n_routed_experts = config.n_routed_experts
+        self.n_group = config.n_group
+        self.topk_group = config.topk_group
+        self.scoring_func = config.scoring_func
+        self.topk_method = config.topk_method
+        self.norm_topk_prob = config.norm_topk_prob
+        self.routed_scaling_factor = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
+        if self.topk_method == "noaux_tc":
+            # Updated outside backprop (auxiliary-loss-free balancing), so a buffer kept in fp32.
+            self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``hidden_states``: [tokens, hidden]. Returns (router_logits, weights [tokens, k] fp32, experts [tokens, k])."""
+        logits = F.linear(hidden_states.float(), self.weight.float())
+        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        selection = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+        if self.topk_method != "greedy" and self.n_group > 1:
+            selection = self._keep_best_groups(selection)
+        experts = selection.topk(self.top_k, dim=-1, sorted=False).indices
+        weights = scores.gather(1, experts)
+        if self.norm_topk_prob and self.top_k > 1:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return logits, weights * self.routed_scaling_factor, experts
+
+    def _keep_best_groups(self, selection: torch.Tensor) -> torch.Tensor:
+        grouped = selection.view(selection.shape[0], self.n_group, -1)
+        if self.e_score_correction_bias is None:
+            group_scores = grouped.amax(dim=-1)
+        else:
+            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
+        kept = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
+        return grouped.masked_fill(~keep[..., None], float("-inf")).flatten(1)
+
+
+class DeepseekV32MoE(nn.Module):
+    """Routed experts weighted by the gate, plus shared experts applied to every token."""
+
+    def __init__(self, config: DeepseekV32Config):
+        super().__init__()
+        self.gate = DeepseekV32TopkRouter(config)
+        self.experts = nn.ModuleList(
+            DeepseekV32MLP(config, config.moe_intermediate_size) for _ in range(config.n_routed_experts)
+        )
+        self.shared_experts = (
+            DeepseekV32MLP(config, config.moe_intermediate_size * config.n_shared_experts)
+            if config.n_shared_experts
+            else None
+        )
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        tokens = hidden_states.reshape(-1, shape[-1])
+        _, weights, experts = self.gate(tokens)
+        routed = self.run_experts(tokens, weights, experts)
+        if self.shared_experts is not None:
+            routed = routed + self.shared_experts(tokens).float()
+        return routed.to(hidden_states.dtype).view(shape)
+
+    def run_experts(self, tokens: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Sum of ``weights[t, j] * expert_{experts[t, j]}(tokens[t])`` accumulated in fp32."""
+        flat_experts = experts.flatten()
+        order = flat_experts.argsort(stable=True)
+        token_of_slot = order // experts.shape[1]
+        counts = torch.bincount(flat_experts, minlength=len(self.experts)).tolist()
+        sorted_inputs = tokens.index_select(0, token_of_slot)
+        sorted_weights = weights.flatten().index_select(0, order)
+        output = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
+        start = 0
+        for expert_idx, count in enumerate(counts):
+            if count == 0:
+                continue
+            stop = start + count
+            expert_out = self.experts[expert_idx](sorted_inputs[start:stop]).float()
+            output.index_add_(0, token_of_slot[start:stop], expert_out * sorted_weights[start:stop, None])
+            start = stop
+        return output

@@ -126,7 +126,10 @@ class DeepseekV32Indexer(nn.Module):
             if key_valid is not None:
                 allowed = allowed & key_valid[:, None, :]
             scores = scores.masked_fill(~allowed, float("-inf"))
-            values, chosen = scores.topk(topk, dim=-1)
+            # ReLU makes exact ties (often at 0) common; a stable sort breaks them towards the earlier token so
+            # a query selects the same tokens whether scored in prefill or in decode.
+            values, chosen = scores.sort(dim=-1, descending=True, stable=True)
+            values, chosen = values[..., :topk], chosen[..., :topk]
             indices[:, start:stop] = chosen
             valid[:, start:stop] = values > float("-inf")
         return IndexSelection(indices, valid)

@@ -134,8 +134,12 @@ class DeepseekV32PreTrainedModel(PreTrainedModel):
         or FP8 tensors without a ``quantization_config``, instead of silently initializing or mis-casting them.
         Pass ``allow_missing_weights=True`` to accept missing tensors (they are randomly initialized)."""
         wants_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        check_loading_info(model, info, allow_missing_weights)
+        # Mismatched shapes are reported by our own check, which names the tensors.
+        allow_mismatched = kwargs.pop("ignore_mismatched_sizes", False)
+        model, info = super().from_pretrained(
+            *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+        )
+        check_loading_info(model, info, allow_missing_weights, allow_mismatched)
         return (model, info) if wants_info else model
 
 

@@ -14,13 +14,15 @@ def _listing(keys) -> str:
     return f"\n    {shown}{more}"
 
 
-def check_loading_info(model: PreTrainedModel, info: dict, allow_missing: bool = False) -> None:
+def check_loading_info(
+    model: PreTrainedModel, info: dict, allow_missing: bool = False, allow_mismatched: bool = False
+) -> None:
     """Raise ``ValueError`` naming the tensors when the checkpoint does not fit the config.
 
     * FP8 scales (``weight_scale_inv``) in a checkpoint whose config has no ``quantization_config``: the FP8 values
       would be used without their scales.
     * Missing tensors (an FP8 weight without its scale among them), unless ``allow_missing``.
-    * Tensors whose shape does not match the config (transformers reports them as mismatched).
+    * Tensors whose shape does not match the config, unless ``allow_mismatched`` (``ignore_mismatched_sizes``).
     """
     unexpected = set(info.get("unexpected_keys") or ())
     orphan_scales = {key for key in unexpected if key.endswith("weight_scale_inv")}
@@ -30,7 +32,7 @@ def check_loading_info(model: PreTrainedModel, info: dict, allow_missing: bool =
             "(quant_method 'fp8'); the FP8 weights cannot be used without them:" + _listing(orphan_scales)
         )
     mismatched = info.get("mismatched_keys") or ()
-    if mismatched:
+    if mismatched and not allow_mismatched:
         described = [f"{key}: checkpoint {tuple(ckpt)} vs model {tuple(ours)}" for key, ckpt, ours in mismatched]
         raise ValueError("checkpoint tensors do not match the config's shapes:" + _listing(described))
     missing = set(info.get("missing_keys") or ())

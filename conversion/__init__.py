@@ -1,0 +1,1 @@
+"""Checkpoint conversion tools land here (installed as ``modeling_deepseek_v32.conversion``)."""

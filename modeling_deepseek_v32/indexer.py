@@ -97,7 +97,9 @@ class DeepseekV32Indexer(nn.Module):
         ``key_valid``: ``[batch, T]`` bool padding mask or None.
         """
         batch, seq, _ = hidden_states.shape
-        k = self.k_norm(self.wk(hidden_states).float()).to(hidden_states.dtype)
+        norm = self.k_norm
+        k = F.layer_norm(self.wk(hidden_states).float(), norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps)
+        k = k.to(hidden_states.dtype)
         k_stored, k_scale = self._quantize(self._rope(k, cos, sin))
         if cache is not None:
             k_stored, k_scale = cache.update_index_keys(k_stored, k_scale, self.layer_idx)

@@ -145,6 +145,8 @@ class DeepseekV32Config(PretrainedConfig):
         self.fp8_quantization_config = _take_block_fp8(quantization_config, fp8_quantization_config, kwargs)
         kwargs.pop("head_dim", None)
         kwargs.pop("qk_head_dim", None)
+        # Our checks first: transformers' own (run by the base __init__) name derived fields like `head_dim`.
+        self.validate()
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -152,7 +154,6 @@ class DeepseekV32Config(PretrainedConfig):
             tie_word_embeddings=tie_word_embeddings,
             **kwargs,
         )
-        self.validate()
 
     # ----------------------------------------------------------------------------------------------------------
     @property

@@ -310,7 +310,7 @@ def test_invalid_config_raises_value_error_naming_field(overrides, field):
 
 
 def test_odd_qk_rope_head_dim_is_rejected_somehow():
-    """Whatever the exception type, an odd rope dim must not produce a config (guards the xfail above)."""
+    """An odd rope dim never produces a config."""
     with pytest.raises(Exception):
         DeepseekV32Config.from_preset("tiny", qk_rope_head_dim=7)
 

@@ -33,6 +33,9 @@ class DeepseekV32Config(PretrainedConfig):
         indexer_rope_interleave (`bool`, defaults to `False`):
             Rotate interleaved pairs in the indexer. DeepSeek's fixed indexer (2025-11-18) rotates half-split pairs
             while MLA rotates interleaved pairs; the first V3.2-Exp release rotated pairs in both.
+        mtp_loss_weight (`float`, defaults to `0.0`):
+            Weight of the MTP head's loss (cross-entropy on the token two ahead) added to the LM loss when labels
+            are given. DeepSeek trained with 0.3, then 0.1; 0 (off) suits plain fine-tuning.
         quantization_config (`dict`, *optional*):
             The official block-FP8 description (``quant_method="fp8"``, ``weight_block_size=[128, 128]``). It is
             handled by this package's own `FP8Linear` (stored as `fp8_quantization_config`, so transformers'
@@ -96,6 +99,7 @@ class DeepseekV32Config(PretrainedConfig):
         index_topk: int = 2048,
         index_fp8: bool = True,
         indexer_rope_interleave: bool = False,
+        mtp_loss_weight: float = 0.0,
         quantization_config: dict | None = None,
         fp8_quantization_config: dict | None = None,
         **kwargs: Any,
@@ -141,6 +145,7 @@ class DeepseekV32Config(PretrainedConfig):
         self.index_topk = index_topk
         self.index_fp8 = index_fp8
         self.indexer_rope_interleave = indexer_rope_interleave
+        self.mtp_loss_weight = mtp_loss_weight
         self.rope_parameters = _standardize_rope(rope_parameters, rope_scaling, rope_theta)
         self.fp8_quantization_config = _take_block_fp8(quantization_config, fp8_quantization_config, kwargs)
         kwargs.pop("head_dim", None)
@@ -263,6 +268,8 @@ class DeepseekV32Config(PretrainedConfig):
             errors.append(f"`first_k_dense_replace` must be an integer >= 0, got {self.first_k_dense_replace!r}")
         if not isinstance(self.num_nextn_predict_layers, int) or self.num_nextn_predict_layers < 0:
             errors.append(f"`num_nextn_predict_layers` must be an integer >= 0, got {self.num_nextn_predict_layers!r}")
+        if not isinstance(self.mtp_loss_weight, (int, float)) or self.mtp_loss_weight < 0:
+            errors.append(f"`mtp_loss_weight` must be a number >= 0, got {self.mtp_loss_weight!r}")
         if not isinstance(self.n_shared_experts, int) or self.n_shared_experts < 0:
             errors.append(f"`n_shared_experts` must be an integer >= 0, got {self.n_shared_experts!r}")
         errors.extend(self._routing_errors())

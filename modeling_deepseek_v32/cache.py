@@ -120,13 +120,15 @@ class DeepseekV32Cache(Cache):
 
     # -- editing ------------------------------------------------------------------------------------------------
     def crop(self, max_length: int) -> None:
-        """Keep the first ``max_length`` tokens; a negative value removes that many from the end."""
-        if max_length < 0:
-            max_length = self.get_seq_length() + max_length
-        if max_length < 0:
-            raise ValueError(f"cannot crop {self.get_seq_length()} cached tokens to {max_length}")
-        for layer in self.layers:
-            layer.map(lambda t: t[:, :max_length])
+        """Keep the first ``max_length`` tokens; a negative value removes that many from the end of each layer."""
+        for idx, layer in enumerate(self.layers):
+            if layer.latent is None:
+                continue
+            length = self.get_seq_length(idx)
+            keep = length + max_length if max_length < 0 else max_length
+            if keep < 0:
+                raise ValueError(f"cannot remove {-max_length} tokens from layer {idx}, which caches {length}")
+            layer.map(lambda t: t[:, :keep])
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         for layer in self.layers:

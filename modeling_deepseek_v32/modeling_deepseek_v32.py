@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.generation import LogitsProcessorList, StoppingCriteriaList
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import logging
 
@@ -16,6 +19,7 @@ from .configuration import DeepseekV32Config
 from .fp8 import FP8Linear, quantize_weight_blockwise
 from .layers import DeepseekV32MLP, DeepseekV32RMSNorm
 from .moe import DeepseekV32MoE, DeepseekV32TopkRouter
+from .mtp_generation import mtp_generate
 from .rope import DeepseekV32RotaryEmbedding, yarn_inverse_frequencies
 from .weights import check_loading_info
 
@@ -28,6 +32,14 @@ __all__ = [
     "DeepseekV32DecoderLayer",
     "DeepseekV32MTPLayer",
 ]
+
+
+@dataclass
+class DeepseekV32CausalLMOutput(CausalLMOutputWithPast):
+    """Causal LM output; ``mtp_loss`` is the MTP head's cross-entropy on tokens two ahead (already added to ``loss``
+    with weight ``config.mtp_loss_weight``), reported separately for logging."""
+
+    mtp_loss: torch.FloatTensor | None = None
 
 
 class DeepseekV32DecoderLayer(GradientCheckpointingLayer):
@@ -264,10 +276,9 @@ class DeepseekV32Model(DeepseekV32PreTrainedModel):
         key_valid: torch.Tensor | None = None,
         past_key_values: DeepseekV32Cache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run MTP depth ``depth`` on final hidden states ``h_t`` and tokens ``t+1``; returns logits for ``t+2``.
-
-        ``position_ids`` are the positions of the ``t+1`` tokens (DeepSeek rotates the MTP block's attention with
-        the positions of the tokens it embeds)."""
+        """Run MTP depth ``depth`` on final hidden states ``h_t`` and tokens ``t+1``; returns logits for ``t+2``
+        and the MTP block's hidden states. ``position_ids`` rotate the MTP block's attention; only their differences
+        matter, so the positions of ``h_t`` (as vLLM uses) and of ``t+1`` give the same result."""
         if depth >= len(self.mtp_layers):
             raise ValueError(f"the model has {len(self.mtp_layers)} MTP layers; depth {depth} does not exist")
         cos, sin = self.rotary_emb(position_ids)
@@ -302,10 +313,11 @@ class DeepseekV32ForCausalLM(DeepseekV32PreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         output_hidden_states: bool | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> DeepseekV32CausalLMOutput:
         """Causal LM forward. ``labels`` give the shifted cross-entropy (``-100`` ignored; ``num_items_in_batch``
-        from ``Trainer`` normalizes it under gradient accumulation). ``logits_to_keep`` limits logits to the last N
-        positions (or the given indices)."""
+        from ``Trainer`` normalizes it under gradient accumulation); with ``config.mtp_loss_weight > 0`` the MTP
+        loss is added (and reported as ``mtp_loss``). ``logits_to_keep`` limits logits to the last N positions (or
+        the given indices)."""
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -318,15 +330,90 @@ class DeepseekV32ForCausalLM(DeepseekV32PreTrainedModel, GenerationMixin):
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep])
-        loss = None
+        loss = mtp_loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(
+            if self.config.mtp_loss_weight and len(self.model.mtp_layers):
+                mtp_loss = self.mtp_loss(hidden_states, input_ids, labels, attention_mask, position_ids, **kwargs)
+                loss = loss + self.config.mtp_loss_weight * mtp_loss
+        return DeepseekV32CausalLMOutput(
             loss=loss,
             logits=logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
+            mtp_loss=mtp_loss,
         )
+
+    def mtp_loss(
+        self,
+        hidden_states: torch.Tensor,
+        input_ids: torch.LongTensor | None,
+        labels: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """Cross-entropy of the first MTP head: from ``h_t`` and token ``t+1`` it predicts ``labels[t+2]``."""
+        if input_ids is None:
+            raise ValueError("the MTP loss needs `input_ids` (the MTP head embeds the next token)")
+        batch, seq = input_ids.shape
+        positions, key_valid = self.model.positions((batch, seq), attention_mask, position_ids, None)
+        if key_valid is not None:
+            # A pair (h_t, token t+1) is real only if both positions are.
+            key_valid = key_valid[:, :-1] & key_valid[:, 1:]
+        logits, _ = self.model.mtp_forward(hidden_states[:, :-1], input_ids[:, 1:], positions[:, :-1], 0, key_valid)
+        # The loss shifts labels by one more, so position t is scored against labels[t + 2].
+        return self.loss_function(logits=logits, labels=labels[:, 1:], vocab_size=self.config.vocab_size, **kwargs)
+
+    def generate(
+        self,
+        inputs: torch.Tensor | None = None,
+        generation_config=None,
+        logits_processor: LogitsProcessorList | None = None,
+        stopping_criteria: StoppingCriteriaList | None = None,
+        streamer=None,
+        use_mtp: bool | None = None,
+        num_mtp_draft_tokens: int | None = None,
+        **kwargs,
+    ):
+        """``GenerationMixin.generate``, plus ``use_mtp=True``: self-speculative decoding with the MTP module
+        (greedy or sampling, any batch size; ``num_mtp_draft_tokens`` drafts per step, default 1). With
+        ``return_dict_in_generate=True`` the output carries ``mtp_acceptance`` and ``tokens_per_forward``."""
+        base_config = generation_config if generation_config is not None else self.generation_config
+        if use_mtp is None:
+            use_mtp = bool(getattr(base_config, "use_mtp", False))
+        if not use_mtp:
+            if getattr(base_config, "use_mtp", None):
+                kwargs["use_mtp"] = False  # keep transformers' own (batch-1, no-FP8-scale) MTP path out
+            return super().generate(
+                inputs, generation_config=generation_config, logits_processor=logits_processor,
+                stopping_criteria=stopping_criteria, streamer=streamer, **kwargs,
+            )  # fmt: skip
+        if num_mtp_draft_tokens is None:
+            num_mtp_draft_tokens = getattr(base_config, "num_mtp_draft_tokens", None) or 1
+        config, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
+        input_ids = inputs if inputs is not None else model_kwargs.pop("input_ids", None)
+        if input_ids is None:
+            raise ValueError("use_mtp=True needs `input_ids`")
+        attention_mask = model_kwargs.pop("attention_mask", None)
+        self._prepare_special_tokens(config, attention_mask is not None, device=input_ids.device)
+        if config.max_new_tokens is not None:
+            config.max_length = input_ids.shape[1] + config.max_new_tokens
+        processors = self._get_logits_processor(
+            generation_config=config, input_ids_seq_length=input_ids.shape[1], encoder_input_ids=input_ids,
+            prefix_allowed_tokens_fn=None, logits_processor=logits_processor or LogitsProcessorList(),
+            device=input_ids.device, model_kwargs=model_kwargs,
+        )  # fmt: skip
+        criteria = self._get_stopping_criteria(
+            config, stopping_criteria or StoppingCriteriaList(), tokenizer=model_kwargs.pop("tokenizer", None)
+        )
+        ignored = sorted(k for k, v in model_kwargs.items() if v is not None and k not in ("use_cache",))
+        if ignored:
+            logger.warning_once(f"use_mtp=True ignores these generate arguments: {ignored}")
+        sequences, _, output = mtp_generate(
+            self, input_ids, attention_mask, config, processors, criteria, num_mtp_draft_tokens, streamer
+        )
+        return output if config.return_dict_in_generate else sequences
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
         """Give ``generate`` a ``DeepseekV32Cache``: transformers' own caches cannot hold latents + indexer keys."""

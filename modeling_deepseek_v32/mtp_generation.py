@@ -1,0 +1,232 @@
+"""Self-speculative decoding with the MTP module: ``model.generate(..., use_mtp=True)``.
+
+Each step the main model verifies ``[last accepted token, draft_1 .. draft_k]`` in one forward; the MTP module then
+drafts the next tokens from the main model's final hidden states. Works for batches: sequences accept different
+numbers of drafts, and instead of cropping a shared cache the rejected positions become holes in the padding mask.
+Masked tokens are invisible to MLA and to the indexer, and positions count only real tokens, so a hole is exactly as
+if the token had never been fed.
+
+Greedy output equals plain greedy decoding; sampling uses speculative sampling (accept a draft with probability
+``min(1, p/q)``, else resample from ``max(0, p - q)``), which leaves the target distribution unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.generation import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+from transformers.utils import logging
+
+from .cache import DeepseekV32Cache
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class MTPGenerateOutput(GenerateDecoderOnlyOutput):
+    """``generate`` output with MTP statistics: ``mtp_acceptance`` (accepted / proposed per draft position) and
+    ``tokens_per_forward`` (new tokens per main-model forward, the speed-up bound)."""
+
+    mtp_acceptance: list[float] | None = None
+    tokens_per_forward: float | None = None
+    mtp_counts: dict | None = None
+
+
+class _Sampler:
+    """Turns raw logits of one row and one position into a token (and, when sampling, the distribution)."""
+
+    def __init__(self, processors: LogitsProcessorList, do_sample: bool):
+        self.processors = processors
+        self.do_sample = do_sample
+
+    def distribution(self, prefix: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        scores = self.processors(prefix[None], logits[None].float())[0]
+        if not self.do_sample:
+            return scores
+        return scores.softmax(dim=-1)
+
+    def pick(self, dist: torch.Tensor) -> int:
+        return int(torch.multinomial(dist, 1)) if self.do_sample else int(dist.argmax())
+
+
+@torch.no_grad()
+def mtp_generate(
+    model,
+    input_ids: torch.LongTensor,
+    attention_mask: torch.Tensor | None,
+    generation_config: GenerationConfig,
+    logits_processor: LogitsProcessorList,
+    stopping_criteria: StoppingCriteriaList,
+    num_draft_tokens: int = 1,
+    streamer=None,
+):
+    """The decoding loop. ``generation_config`` must already carry ``max_length`` and special-token tensors."""
+    if not len(model.model.mtp_layers):
+        raise ValueError("use_mtp=True needs an MTP layer (config.num_nextn_predict_layers >= 1)")
+    if num_draft_tokens < 1:
+        raise ValueError(f"num_mtp_draft_tokens must be >= 1, got {num_draft_tokens}")
+    if generation_config.num_beams not in (None, 1):
+        raise ValueError("use_mtp=True supports greedy decoding and sampling, not beam search")
+    if streamer is not None and input_ids.shape[0] != 1:
+        raise ValueError("streaming supports batch size 1")
+    batch, prompt_len = input_ids.shape
+    device = input_ids.device
+    sampler = _Sampler(logits_processor, bool(generation_config.do_sample))
+    pad = int(generation_config._pad_token_tensor) if generation_config._pad_token_tensor is not None else 0
+    max_new = generation_config.max_length - prompt_len
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+    num_layers = len(model.model.layers)
+    cache = DeepseekV32Cache(model.config, num_layers=num_layers)
+    mtp_cache = DeepseekV32Cache(model.config, num_layers=num_layers)
+    rows = [input_ids[b] for b in range(batch)]  # prompt (with its padding) + accepted tokens
+    done = [False] * batch
+    proposed = [0] * num_draft_tokens
+    accepted = [0] * num_draft_tokens
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+
+    out = model.model(input_ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+    forwards = 1
+    logits = model.lm_head(out.last_hidden_state[:, -1])
+    first = torch.tensor([sampler.pick(sampler.distribution(rows[b], logits[b])) for b in range(batch)], device=device)
+    _accept(rows, done, first[:, None].tolist(), stopping_criteria, max_new, prompt_len, streamer)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    mtp_mask = mask * torch.cat((mask[:, 1:], torch.ones_like(mask[:, :1])), dim=1)
+    next_ids = torch.cat((input_ids[:, 1:], first[:, None]), dim=1)
+    drafts, draft_dists, mtp_mask = _draft(
+        model, sampler, rows, out.last_hidden_state, next_ids, positions, mtp_mask, mtp_cache,
+        torch.full((batch,), prompt_len - 1, device=device), num_draft_tokens,
+    )  # fmt: skip
+    last = first
+
+    while not all(done):
+        verify = torch.cat((last[:, None], drafts), dim=1)
+        mask = torch.cat((mask, torch.ones_like(verify)), dim=1)
+        positions = (mask.cumsum(-1) - 1)[:, -verify.shape[1] :]
+        out = model.model(verify, attention_mask=mask, past_key_values=cache, use_cache=True)
+        forwards += 1
+        logits = model.lm_head(out.last_hidden_state)
+        new_tokens, num_accepted = [], []
+        for b in range(batch):
+            tokens = _verify_row(sampler, rows[b], verify[b], logits[b], None if draft_dists is None else draft_dists[b])
+            new_tokens.append(tokens)
+            num_accepted.append(len(tokens) - 1)
+            if not done[b]:
+                for i in range(num_draft_tokens):
+                    proposed[i] += 1
+                    accepted[i] += int(i < len(tokens) - 1)
+        accepted_len = torch.tensor(num_accepted, device=device)
+        steps = torch.arange(verify.shape[1], device=device)
+        # Rejected drafts become holes: masked for every later query, skipped by the positions.
+        mask[:, -verify.shape[1] :] = (steps[None, :] <= accepted_len[:, None]).long()
+        _accept(rows, done, new_tokens, stopping_criteria, max_new, prompt_len, streamer)
+        if all(done):
+            break
+        next_ids = torch.full_like(verify, pad)
+        for b, tokens in enumerate(new_tokens):
+            next_ids[b, : len(tokens)] = torch.tensor(tokens, device=device)
+        last = next_ids.gather(1, accepted_len[:, None])[:, 0]
+        step_mask = mask[:, -verify.shape[1] :]
+        drafts, draft_dists, mtp_mask = _draft(
+            model, sampler, rows, out.last_hidden_state, next_ids, positions, torch.cat((mtp_mask, step_mask), 1),
+            mtp_cache, accepted_len, num_draft_tokens,
+        )  # fmt: skip
+
+    if streamer is not None:
+        streamer.end()
+    new_len = max(len(row) for row in rows) - prompt_len
+    sequences = torch.full((batch, prompt_len + new_len), pad, dtype=input_ids.dtype, device=device)
+    for b, row in enumerate(rows):
+        sequences[b, : len(row)] = row
+    acceptance = [a / p if p else 0.0 for a, p in zip(accepted, proposed)]
+    generated = sum(len(row) - prompt_len for row in rows)
+    per_forward = generated / max(1, forwards * batch)
+    logger.debug(f"MTP acceptance per draft position {acceptance}, {per_forward:.2f} tokens per main forward")
+    return sequences, cache, MTPGenerateOutput(
+        sequences=sequences,
+        past_key_values=cache,
+        mtp_acceptance=acceptance,
+        tokens_per_forward=per_forward,
+        mtp_counts={"proposed": proposed, "accepted": accepted, "main_forwards": forwards},
+    )
+
+
+def _draft(model, sampler, rows, hidden, next_ids, positions, mtp_mask, mtp_cache, last_index, num_draft_tokens):
+    """Feed the new (h_t, token_{t+1}) pairs to the MTP cache, then draft ``num_draft_tokens`` tokens per row from
+    the pair at ``last_index`` (recursively, feeding the MTP's own hidden state back in)."""
+    batch = hidden.shape[0]
+    rows_range = torch.arange(batch, device=hidden.device)
+    logits, mtp_hidden = _mtp_step(model, hidden, next_ids, positions, mtp_mask, mtp_cache)
+    logits, mtp_hidden = logits[rows_range, last_index], mtp_hidden[rows_range, last_index]
+    position = positions[rows_range, last_index] + 1
+    drafts, dists = [], []
+    extended = mtp_mask
+    for depth in range(num_draft_tokens):
+        step_dists = [
+            sampler.distribution(torch.cat([rows[b]] + [d[b : b + 1] for d in drafts]), logits[b]) for b in range(batch)
+        ]
+        tokens = torch.tensor([sampler.pick(d) for d in step_dists], device=hidden.device)
+        drafts.append(tokens)
+        dists.append(torch.stack(step_dists))
+        if depth + 1 < num_draft_tokens:
+            # Recursive drafting reuses the MTP module on its own output; these cache entries are temporary.
+            extended = torch.cat((extended, torch.ones_like(extended[:, :1])), dim=1)
+            logits, mtp_hidden = _mtp_step(model, mtp_hidden[:, None], tokens[:, None], position[:, None], extended,
+                                           mtp_cache)  # fmt: skip
+            logits, mtp_hidden = logits[:, 0], mtp_hidden[:, 0]
+            position = position + 1
+    if num_draft_tokens > 1:
+        mtp_cache.crop(-(num_draft_tokens - 1))
+    draft_dists = torch.stack(dists, dim=1) if sampler.do_sample else None
+    return torch.stack(drafts, dim=1), draft_dists, mtp_mask
+
+
+def _mtp_step(model, hidden, next_ids, positions, mtp_mask, mtp_cache):
+    key_valid = None if bool(mtp_mask.all()) else mtp_mask.bool()
+    cos, sin = model.model.rotary_emb(positions)
+    return model.model.mtp_layers[0](hidden, next_ids, cos, sin, key_valid, mtp_cache)
+
+
+def _verify_row(sampler, prefix, verify, logits, draft_dists) -> list[int]:
+    """Tokens a row keeps from one verification: the accepted drafts and one token from the main model."""
+    drafts = verify[1:].tolist()
+    tokens: list[int] = []
+    for i in range(len(verify)):
+        target = sampler.distribution(torch.cat((prefix, verify.new_tensor(tokens))), logits[i])
+        if i == len(drafts):
+            tokens.append(sampler.pick(target))
+            break
+        draft = drafts[i]
+        if not sampler.do_sample:
+            choice = int(target.argmax())
+            tokens.append(choice)
+            if choice != draft:
+                break
+            continue
+        proposal = draft_dists[i]
+        if torch.rand(()) * proposal[draft] <= target[draft]:
+            tokens.append(draft)
+            continue
+        residual = (target - proposal).clamp(min=0)
+        total = residual.sum()
+        tokens.append(int(torch.multinomial(residual / total, 1)) if total > 0 else sampler.pick(target))
+        break
+    return tokens
+
+
+def _accept(rows, done, new_tokens, stopping_criteria, max_new, prompt_len, streamer) -> None:
+    """Append each unfinished row's tokens one by one, stopping at EOS / stopping criteria / max length."""
+    for b, tokens in enumerate(new_tokens):
+        if done[b]:
+            continue
+        kept = []
+        for token in tokens:
+            rows[b] = torch.cat((rows[b], rows[b].new_tensor([token])))
+            kept.append(token)
+            if len(rows[b]) - prompt_len >= max_new or bool(stopping_criteria(rows[b][None], None)[0]):
+                done[b] = True
+                break
+        if streamer is not None and kept:
+            streamer.put(torch.tensor(kept))

@@ -161,3 +161,17 @@ def test_use_mtp_without_mtp_layer_is_a_clear_error():
     model = random_model(tiny_config(num_nextn_predict_layers=0), seed=58)
     with pytest.raises(ValueError, match="MTP layer"):
         model.generate(_ids((1, 5), seed=59), use_mtp=True, max_new_tokens=3, pad_token_id=0)
+
+
+def test_mtp_with_block_fp8_weights(tmp_path):
+    """An FP8 checkpoint's MTP layer loads with its scales (FP8Linear) and drafting leaves greedy output unchanged."""
+    quantization = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    random_model(tiny_config(hidden_size=160, quantization_config=quantization), seed=60).save_pretrained(tmp_path)
+    from modeling_deepseek_v32 import DeepseekV32ForCausalLM
+    from modeling_deepseek_v32.fp8 import FP8Linear
+
+    model = DeepseekV32ForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(model.model.mtp_layers[0].self_attn.q_b_proj, FP8Linear)
+    input_ids = _ids((2, 7), seed=61)
+    kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(input_ids, use_mtp=True, **kwargs), model.generate(input_ids, **kwargs))

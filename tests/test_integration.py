@@ -93,3 +93,22 @@ def test_no_split_modules_keep_each_block_on_one_device(tiny_model):
     assert len(set(plan.values())) > 1
     for name in plan:
         assert not name.startswith("model.layers.") or name.count(".") == 2, f"block split by the plan: {name}"
+
+
+def test_cli_info_reports_sizes_of_the_official_config(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "modeling_deepseek_v32", "info", "--preset", "official"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    # 61 x ((512 + 64) x 2 bytes + 128 FP8 index bytes + 4 scale bytes), and 671B + 14B MTP parameters.
+    assert "78,324 bytes/token" in result.stdout and "685.4" in result.stdout
+
+
+def test_cli_generate_with_mtp_reports_acceptance(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "modeling_deepseek_v32", "generate", "--prompt", "Hi", "--max-new-tokens", "4", "--mtp"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "MTP acceptance" in result.stderr and "tokens/forward" in result.stderr

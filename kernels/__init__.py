@@ -5,16 +5,43 @@ reference that is used whenever :func:`kernels_enabled` returns ``False``. Impor
 requires Triton: Triton is probed lazily, and only when a caller asks.
 
 Set ``DEEPSEEK_V32_KERNELS=0`` to force the PyTorch reference paths.
+
+Dispatch hooks (called by the model; each returns ``None`` when the PyTorch twin must run instead):
+
+* :func:`sparse_mla` - absorbed sparse MLA attention over the indexer's selection (``kernels/mla_kernel.py``),
+  twin ``DeepseekV32Attention._absorbed``; :func:`sparse_mla_supported` lets the expanded (prefill) path route
+  to it too, since both forms compute the same function.
+* :func:`lightning_indexer` - indexer scores + top-k (``kernels/indexer_kernel.py``), twin
+  ``DeepseekV32Indexer.forward``.
+* :func:`fp8_linear` - block-FP8 w8a8 GEMM (``kernels/fp8_gemm.py``), twin ``fp8_block_matmul``.
+
+A kernel runs when kernels are enabled, every tensor is on CUDA, no input needs a gradient (the kernels have no
+backward) and the shapes are supported. Each reason for falling back is logged once (logger
+``modeling_deepseek_v32.kernels``); a kernel that raises is logged with its error and not tried again in the process.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
+import logging
 import os
 
-__all__ = ["kernels_enabled"]
+__all__ = ["kernels_enabled", "sparse_mla", "sparse_mla_supported", "fp8_round_trip", "lightning_indexer", "fp8_linear"]
 
 _ENV_VAR = "DEEPSEEK_V32_KERNELS"
+logger = logging.getLogger(__name__)
+
+# Tests set this to True to run the dispatch on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1).
+ALLOW_CPU_INTERPRETER = False
+
+# Tests set this to True so a kernel error raises instead of falling back.
+RAISE_ERRORS = False
+# Successful kernel calls per kernel name, so tests (and curious users) can see which path ran.
+calls: collections.Counter = collections.Counter()
+
+_logged: set[str] = set()
+_broken: set[str] = set()
 
 
 @functools.lru_cache(maxsize=None)
@@ -31,6 +58,15 @@ def _triton_and_cuda_available() -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
 def kernels_enabled() -> bool:
     """Whether the Triton kernels should be used.
 
@@ -41,3 +77,144 @@ def kernels_enabled() -> bool:
     if os.environ.get(_ENV_VAR, "").strip() == "0":
         return False
     return _triton_and_cuda_available()
+
+
+def _log_once(key: str, level: int, message: str, *args) -> None:
+    if key not in _logged:
+        _logged.add(key)
+        logger.log(level, message, *args)
+
+
+def _interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
+
+
+def _usable(name: str, *tensors) -> bool:
+    """Common preconditions of every kernel; logs (once per reason) why a CUDA call falls back."""
+    if os.environ.get(_ENV_VAR, "").strip() == "0" or name in _broken:
+        return False
+    if all(t.is_cuda for t in tensors):
+        if not _triton_and_cuda_available():
+            _log_once("no-triton", logging.INFO, "Triton is not importable: using the PyTorch paths (pip install triton)")
+            return False
+    elif not (ALLOW_CPU_INTERPRETER and _interpreter_on() and _triton_importable()):
+        return False  # CPU (or mixed devices): the PyTorch twin is the implementation, nothing to report
+    import torch
+
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        _log_once(f"{name}:grad", logging.INFO, "%s: inputs need gradients and the kernel has no backward; using PyTorch", name)
+        return False
+    return True
+
+
+def _unsupported(name: str, reason: str) -> None:
+    _log_once(f"{name}:{reason}", logging.INFO, "%s kernel does not support %s; using the PyTorch path", name, reason)
+
+
+def _call(name: str, fn, *args, **kwargs):
+    try:
+        result = fn(*args, **kwargs)
+    except Exception as error:  # compile/launch failure: never break the model, fall back for good
+        if RAISE_ERRORS:
+            raise
+        _broken.add(name)
+        _log_once(f"{name}:error", logging.WARNING, "%s kernel failed (%s: %s); using the PyTorch path from now on",
+                  name, type(error).__name__, error)  # fmt: skip
+        return None
+    calls[name] += 1
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sparse MLA (absorbed)
+_MLA_DTYPES = ("torch.bfloat16", "torch.float16", "torch.float32")
+
+
+def _mla_shape_problem(q_rope, latent) -> str | None:
+    if str(latent.dtype) not in _MLA_DTYPES or q_rope.dtype != latent.dtype:
+        return f"dtype {latent.dtype}/{q_rope.dtype}"
+    if latent.shape[-1] > 1024 or q_rope.shape[-1] > 256:
+        return f"kv_lora_rank {latent.shape[-1]} / rope dim {q_rope.shape[-1]}"
+    return None
+
+
+def sparse_mla_supported(q_rope, latent) -> bool:
+    """Whether :func:`sparse_mla` will run for these inputs (lets prefill take the absorbed kernel path)."""
+    if not _usable("sparse_mla", q_rope, latent):
+        return False
+    problem = _mla_shape_problem(q_rope, latent)
+    if problem is not None:
+        _unsupported("sparse_mla", problem)
+        return False
+    return True
+
+
+def fp8_round_trip(x):
+    """``x`` quantized like an FP8 linear's input (1x128 blocks, ue8m0) and dequantized back to ``x.dtype`` (exact:
+    e4m3 values times powers of two fit bf16/fp16/fp32). The expanded form feeds the latent through the FP8
+    ``kv_b_proj``; the absorbed kernel sees this latent, so both forms compute the same function."""
+    from ..fp8 import dequantize_blockwise_1d, quantize_blockwise_1d
+
+    values, scales = quantize_blockwise_1d(x, 128, "ue8m0")
+    return dequantize_blockwise_1d(values, scales, 128, x.dtype)
+
+
+def sparse_mla(q_latent, q_rope, latent, k_rope, selection, past_len: int, key_valid, scale: float):
+    """Absorbed attention output ``[B, S, H, kv_lora_rank]`` or None (run the twin)."""
+    if not sparse_mla_supported(q_rope, latent) or not _usable("sparse_mla", q_latent, k_rope):
+        return None
+    if q_latent.dtype != latent.dtype or k_rope.dtype != latent.dtype:
+        _unsupported("sparse_mla", f"mixed dtypes {q_latent.dtype}/{k_rope.dtype}/{latent.dtype}")
+        return None
+    from . import mla_kernel as _impl
+
+    if selection is None:
+        indices = valid = None
+    else:
+        indices, valid = selection.indices, selection.valid
+    return _call("sparse_mla", _impl.sparse_mla_attention, q_latent, q_rope, latent, k_rope, indices, valid, scale,
+                 past_len=past_len, key_valid=key_valid if selection is None else None)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Lightning indexer
+def lightning_indexer(q, q_scale, k, k_scale, weights, past_len: int, key_valid, topk: int):
+    """``(indices, valid)`` of the indexer's top-k, or None (run the twin)."""
+    if not _usable("lightning_indexer", q, k, weights):
+        return None
+    import torch
+
+    if q.dtype not in (torch.float8_e4m3fn, torch.bfloat16, torch.float16, torch.float32) or k.dtype != q.dtype:
+        _unsupported("lightning_indexer", f"dtype {q.dtype}/{k.dtype}")
+        return None
+    if (q_scale is None) != (k_scale is None) or (q_scale is not None and (q_scale.shape[-1] != 1 or k_scale.shape[-1] != 1)):
+        _unsupported("lightning_indexer", "more than one FP8 scale block per head (index_head_dim > 128)")
+        return None
+    if q.shape[-1] > 256:
+        _unsupported("lightning_indexer", f"index_head_dim {q.shape[-1]}")
+        return None
+    from . import indexer_kernel as _impl
+
+    return _call("lightning_indexer", _impl.lightning_indexer_topk, q, q_scale, k, k_scale, weights, past_len,
+                 key_valid, topk)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------------------
+# FP8 block GEMM
+def fp8_linear(x, w_fp8, scale_inv, bias, block_size):
+    """``Q(x) @ W^T (+ bias)`` in ``x.dtype`` with the block-FP8 kernel, or None (run the twin)."""
+    if not _usable("fp8_gemm", x, w_fp8, scale_inv) or (bias is not None and not _usable("fp8_gemm", bias)):
+        return None
+    if tuple(block_size) != (128, 128):
+        _unsupported("fp8_gemm", f"block size {tuple(block_size)}")
+        return None
+    import torch
+
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        _unsupported("fp8_gemm", f"activation dtype {x.dtype}")
+        return None
+    try:
+        from . import fp8_gemm as _impl
+    except ImportError:
+        return None
+    return _call("fp8_gemm", _impl.fp8_linear, x, w_fp8, scale_inv, bias)

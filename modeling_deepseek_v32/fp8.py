@@ -13,6 +13,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from . import kernels as _kernels
+
 FP8_E4M3_MAX = 448.0
 FP8_DTYPE = torch.float8_e4m3fn
 
@@ -186,6 +188,9 @@ def fp8_block_matmul(
     _check_fp8_weight(w_fp8, weight_scale_inv, block_size, None)
     if x.shape[-1] != w_fp8.shape[1]:
         raise ValueError(f"input has {x.shape[-1]} features, weight expects {w_fp8.shape[1]}")
+    fused = _kernels.fp8_linear(x, w_fp8, weight_scale_inv, bias, block_size)
+    if fused is not None:
+        return fused
     return _FP8BlockMatmul.apply(x, w_fp8, weight_scale_inv, bias, block_size)
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels as _kernels
 from .configuration import DeepseekV32Config
 from .fp8 import dequantize_blockwise_1d, quantize_blockwise_1d
 from .layers import make_linear
@@ -109,12 +110,15 @@ class DeepseekV32Indexer(nn.Module):
 
         q = self.wq_b(q_latent).unflatten(-1, (self.n_heads, self.head_dim))
         q_stored, q_scale = self._quantize(self._rope(q, cos, sin))
-        queries = self._dequantize(q_stored, q_scale)
-        keys = self._dequantize(k_stored, k_scale)
         weights = F.linear(hidden_states.float(), self.weights_proj.weight.float())
         weights = weights * (self.n_heads**-0.5 * self.head_dim**-0.5)
-
         topk = min(self.index_topk, total)
+        fused = _kernels.lightning_indexer(q_stored, q_scale, k_stored, k_scale, weights, past_len, key_valid, topk)
+        if fused is not None:
+            return IndexSelection(*fused)
+        queries = self._dequantize(q_stored, q_scale)
+        keys = self._dequantize(k_stored, k_scale)
+
         indices = torch.empty(batch, seq, topk, dtype=torch.long, device=hidden_states.device)
         valid = torch.empty(batch, seq, topk, dtype=torch.bool, device=hidden_states.device)
         chunk = max(1, _SCORE_BUDGET_ELEMENTS // max(1, batch * self.n_heads * total))

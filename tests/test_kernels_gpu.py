@@ -1,0 +1,186 @@
+"""Triton kernels against their PyTorch twins at real (bench preset) shapes, on a CUDA GPU.
+
+Skipped without CUDA; run through the `device` tool. The same checks at tiny shapes run in CI under Triton's
+interpreter (tests/test_kernels.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+import modeling_deepseek_v32.kernels as kernels  # noqa: E402
+from modeling_deepseek_v32 import DeepseekV32Config  # noqa: E402
+from modeling_deepseek_v32.attention import DeepseekV32Attention  # noqa: E402
+from modeling_deepseek_v32.fp8 import FP8Linear  # noqa: E402
+from modeling_deepseek_v32.indexer import DeepseekV32Indexer, IndexSelection  # noqa: E402
+from modeling_deepseek_v32.rope import DeepseekV32RotaryEmbedding  # noqa: E402
+from modeling_deepseek_v32.testing_utils import random_model, relative_error  # noqa: E402
+
+
+@pytest.fixture
+def kernel_switch(monkeypatch):
+    monkeypatch.setattr(kernels, "RAISE_ERRORS", True)
+    kernels._broken.clear()
+
+    def switch(on: bool) -> None:
+        if on:
+            monkeypatch.delenv("DEEPSEEK_V32_KERNELS", raising=False)
+        else:
+            monkeypatch.setenv("DEEPSEEK_V32_KERNELS", "0")
+
+    return switch
+
+
+def _bench(**overrides) -> DeepseekV32Config:
+    return DeepseekV32Config.from_preset("bench", **overrides)
+
+
+def _randn(*shape, seed, dtype=torch.bfloat16):
+    return torch.randn(*shape, generator=torch.Generator("cuda").manual_seed(seed), device="cuda").to(dtype)
+
+
+def _selection(batch, seq, total, topk, past_len, seed):
+    scores = torch.rand(batch, seq, total, generator=torch.Generator("cuda").manual_seed(seed), device="cuda")
+    pos = past_len + torch.arange(seq, device="cuda")
+    allowed = torch.arange(total, device="cuda")[None, None, :] <= pos[None, :, None]
+    values, indices = scores.masked_fill(~allowed, -1.0).topk(topk, dim=-1)
+    return IndexSelection(indices, values >= 0)
+
+
+@pytest.mark.parametrize(
+    "batch,seq,past_len,mode",
+    [(1, 2048, 2048, "sparse"), (4, 2, 32766, "sparse"), (8, 1, 8191, "sparse"), (2, 1024, 0, "dense")],
+)
+def test_sparse_mla_bench_shapes(kernel_switch, batch, seq, past_len, mode):
+    config = _bench()
+    torch.manual_seed(0)
+    attn = DeepseekV32Attention(config, 0).cuda().to(torch.bfloat16).eval()
+    total = past_len + seq
+    heads, nope, rope, rank = 16, 128, 64, 512
+    q = _randn(batch, seq, heads, nope + rope, seed=1)
+    q_nope, q_rope = q.split((nope, rope), dim=-1)
+    kv = _randn(batch, total, rank + rope, seed=2)
+    latent, k_rope = kv.split((rank, rope), dim=-1)
+    selection = _selection(batch, seq, total, 2048, past_len, seed=3) if mode == "sparse" else None
+    args = (q_nope, q_rope, latent, k_rope, selection, past_len, None)
+    kernel_switch(False)
+    with torch.no_grad():
+        expected = attn._absorbed(*args).float()
+    kernel_switch(True)
+    before = kernels.calls["sparse_mla"]
+    with torch.no_grad():
+        actual = attn._absorbed(*args).float()
+    assert kernels.calls["sparse_mla"] == before + 1
+    assert torch.isfinite(actual).all()
+    assert relative_error(actual, expected) < 2e-2
+
+
+def _indexer_scores(indexer, hidden, q_latent, cos, sin, keys, key_scale):
+    """fp32 scores of the twin's formula, for judging near-ties."""
+    q = indexer.wq_b(q_latent).unflatten(-1, (indexer.n_heads, indexer.head_dim))
+    q_stored, q_scale = indexer._quantize(indexer._rope(q, cos, sin))
+    queries = indexer._dequantize(q_stored, q_scale)
+    keys = indexer._dequantize(keys, key_scale)
+    weights = torch.nn.functional.linear(hidden.float(), indexer.weights_proj.weight.float())
+    weights = weights * (indexer.n_heads**-0.5 * indexer.head_dim**-0.5)
+    return torch.einsum("bsh,bsht->bst", weights, torch.einsum("bshd,btd->bsht", queries, keys).relu())
+
+
+class _KeyCache:
+    def __init__(self):
+        self.k = self.scale = None
+
+    def update_index_keys(self, k, scale, layer_idx):
+        self.k = k if self.k is None else torch.cat((self.k, k), 1)
+        if scale is not None:
+            self.scale = scale if self.scale is None else torch.cat((self.scale, scale), 1)
+        return self.k, self.scale
+
+
+@pytest.mark.parametrize("index_fp8", [True, False])
+@pytest.mark.parametrize("past_len,seq", [(7680, 512), (32767, 1)])
+def test_indexer_bench_shapes(kernel_switch, index_fp8, past_len, seq):
+    """Same valid flags; selected sets equal except at true ties (scores equal to the k-th within fp32 rounding)."""
+    config = _bench(index_fp8=index_fp8)
+    torch.manual_seed(0)
+    indexer = DeepseekV32Indexer(config, 0).cuda().to(torch.bfloat16).eval()
+    rotary = DeepseekV32RotaryEmbedding(config).cuda()
+    batch, total = 1, past_len + seq
+    hidden = _randn(batch, total, config.hidden_size, seed=5)
+    q_latent = _randn(batch, total, config.q_lora_rank, seed=6)
+    cos, sin = rotary(torch.arange(total, device="cuda")[None])
+    cache = _KeyCache()
+    kernel_switch(True)
+    with torch.no_grad():
+        indexer(hidden[:, :past_len], q_latent[:, :past_len], cos[:, :past_len], sin[:, :past_len], 0, None, cache)
+        new = slice(past_len, total)
+        before = kernels.calls["lightning_indexer"]
+        actual = indexer(hidden[:, new], q_latent[:, new], cos[:, new], sin[:, new], past_len, None, cache)
+        assert kernels.calls["lightning_indexer"] == before + 1
+        kernel_switch(False)
+        cache.k, cache.scale = cache.k[:, :past_len], None if cache.scale is None else cache.scale[:, :past_len]
+        expected = indexer(hidden[:, new], q_latent[:, new], cos[:, new], sin[:, new], past_len, None, cache)
+        scores = _indexer_scores(indexer, hidden[:, new], q_latent[:, new], cos[:, new], sin[:, new], cache.k, cache.scale)
+    assert torch.equal(actual.valid, expected.valid)
+    causal = torch.arange(total, device="cuda")[None, :] <= (past_len + torch.arange(seq, device="cuda"))[:, None]
+    scores = scores.masked_fill(~causal, float("-inf"))
+    kth = scores.gather(-1, expected.indices[..., -1:])  # the twin's k-th score per query
+    tol = 1e-5 * scores.masked_fill(~causal, 0).abs().amax(-1, keepdim=True)
+    picked = torch.zeros_like(scores, dtype=torch.int8)
+    picked.scatter_add_(-1, expected.indices, torch.ones_like(expected.indices, dtype=torch.int8))
+    picked.scatter_add_(-1, actual.indices, -torch.ones_like(actual.indices, dtype=torch.int8))
+    differ = picked != 0
+    near_tie = (scores - kth).abs() <= tol
+    assert bool((~differ | near_tie).all()), f"{int(differ.sum())} differing picks, not all at ties"
+    same_order = (actual.indices == expected.indices).float().mean().item()
+    assert same_order > 0.99
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 300, 4096])
+@pytest.mark.parametrize("features", [(2048, 2816), (2048, 576), (1408, 2048)])
+def test_fp8_linear_bench_shapes(kernel_switch, tokens, features):
+    in_features, out_features = features
+    torch.manual_seed(1)
+    dense = torch.nn.Linear(in_features, out_features, bias=False, device="cuda")
+    layer = FP8Linear.from_linear(dense)
+    x = _randn(tokens, in_features, seed=7)
+    kernel_switch(False)
+    with torch.no_grad():
+        expected = layer(x).float()
+    kernel_switch(True)
+    with torch.no_grad():
+        actual = layer(x).float()
+    assert kernels.calls["fp8_gemm"] > 0
+    assert relative_error(actual, expected) < 1e-2
+
+
+def test_bench_model_prefill_and_decode_with_kernels(kernel_switch):
+    """Two bench layers in bf16: 4096-token prefill (sparse) and decode steps agree with the PyTorch model."""
+    config = _bench(num_hidden_layers=2, num_nextn_predict_layers=0)
+    model = random_model(config, seed=3).cuda().to(torch.bfloat16)
+    input_ids = torch.randint(0, config.vocab_size, (1, 4100), device="cuda")
+    prompt = 4096
+
+    def run():
+        with torch.no_grad():
+            out = model(input_ids[:, :prompt], use_cache=True, logits_to_keep=1)
+            logits = [out.logits.float()]
+            for t in range(prompt, input_ids.shape[1]):
+                out = model(input_ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+                logits.append(out.logits.float())
+        return torch.cat(logits, 1)
+
+    kernel_switch(False)
+    expected = run()
+    kernel_switch(True)
+    kernels.calls.clear()
+    actual = run()
+    assert kernels.calls["sparse_mla"] and kernels.calls["lightning_indexer"]
+    assert relative_error(actual, expected) < 5e-2

@@ -17,6 +17,7 @@ BLOCK_FP8_QUANT_METHOD = "fp8"
 _SCORING_FUNCS = ("sigmoid", "softmax")
 _TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 _ROPE_TYPES = ("default", "yarn")
+_INDEXER_TRAINING_STAGES = (None, "dense_warmup", "sparse")
 _YARN_DEFAULTS = {"beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.0}
 
 
@@ -36,6 +37,18 @@ class DeepseekV32Config(PretrainedConfig):
         mtp_loss_weight (`float`, defaults to `0.0`):
             Weight of the MTP head's loss (cross-entropy on the token two ahead) added to the LM loss when labels
             are given. DeepSeek trained with 0.3, then 0.1; 0 (off) suits plain fine-tuning.
+        moe_aux_loss_alpha (`float`, defaults to `0.0`):
+            Weight of DeepSeek-V3's sequence-wise balance loss, computed by every MoE layer in training mode, reported
+            as `aux_loss` and added to the loss with this weight. DeepSeek-V3 used 1e-4 next to the
+            auxiliary-loss-free bias update (`training.DeepseekV32BiasUpdateCallback`); 0 turns it off.
+        indexer_training (`str`, *optional*):
+            Training stage of the lightning indexer (DeepSeek-V3.2 report). `None`: inference behaviour, no indexer
+            loss. `"dense_warmup"`: main attention runs dense over all causal tokens and, in training mode, the indexer
+            learns KL(main attention || softmax(index scores)) over all of them (freeze the rest with
+            `indexer_training.freeze_for_indexer_warmup`). `"sparse"`: attention stays sparse and the KL is restricted
+            to the selected tokens. In both stages the indexer sees detached inputs, so only its own loss trains it.
+        indexer_loss_coef (`float`, defaults to `1.0`):
+            Weight of that KL loss (reported as `indexer_loss`) in the total loss.
         quantization_config (`dict`, *optional*):
             The official block-FP8 description (``quant_method="fp8"``, ``weight_block_size=[128, 128]``). It is
             handled by this package's own `FP8Linear` (stored as `fp8_quantization_config`, so transformers'
@@ -100,6 +113,9 @@ class DeepseekV32Config(PretrainedConfig):
         index_fp8: bool = True,
         indexer_rope_interleave: bool = False,
         mtp_loss_weight: float = 0.0,
+        moe_aux_loss_alpha: float = 0.0,
+        indexer_training: str | None = None,
+        indexer_loss_coef: float = 1.0,
         quantization_config: dict | None = None,
         fp8_quantization_config: dict | None = None,
         **kwargs: Any,
@@ -146,6 +162,9 @@ class DeepseekV32Config(PretrainedConfig):
         self.index_fp8 = index_fp8
         self.indexer_rope_interleave = indexer_rope_interleave
         self.mtp_loss_weight = mtp_loss_weight
+        self.moe_aux_loss_alpha = moe_aux_loss_alpha
+        self.indexer_training = indexer_training
+        self.indexer_loss_coef = indexer_loss_coef
         self.rope_parameters = _standardize_rope(rope_parameters, rope_scaling, rope_theta)
         self.fp8_quantization_config = _take_block_fp8(quantization_config, fp8_quantization_config, kwargs)
         kwargs.pop("head_dim", None)
@@ -270,6 +289,14 @@ class DeepseekV32Config(PretrainedConfig):
             errors.append(f"`num_nextn_predict_layers` must be an integer >= 0, got {self.num_nextn_predict_layers!r}")
         if not isinstance(self.mtp_loss_weight, (int, float)) or self.mtp_loss_weight < 0:
             errors.append(f"`mtp_loss_weight` must be a number >= 0, got {self.mtp_loss_weight!r}")
+        for name in ("moe_aux_loss_alpha", "indexer_loss_coef"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                errors.append(f"`{name}` must be a number >= 0, got {value!r}")
+        if self.indexer_training not in _INDEXER_TRAINING_STAGES:
+            errors.append(
+                f"unknown `indexer_training` {self.indexer_training!r}; expected one of {_INDEXER_TRAINING_STAGES}"
+            )
         if not isinstance(self.n_shared_experts, int) or self.n_shared_experts < 0:
             errors.append(f"`n_shared_experts` must be an integer >= 0, got {self.n_shared_experts!r}")
         errors.extend(self._routing_errors())

@@ -15,9 +15,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import kernels as _kernels
 from .configuration import DeepseekV32Config
 from .fp8 import FP8Linear
 from .indexer import DeepseekV32Indexer, IndexSelection
+from .indexer_training import record_indexer_loss
 from .layers import DeepseekV32RMSNorm, make_linear
 from .rope import apply_rope_interleaved
 
@@ -52,6 +54,11 @@ class DeepseekV32Attention(nn.Module):
         self.o_proj = make_linear(config, self.num_heads * self.v_head_dim, config.hidden_size, bias=bias)
         self.indexer = DeepseekV32Indexer(config, layer_idx)
         self._absorb_weight_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Indexer training (indexer_training.py) reads `config.indexer_training` live, so a run can switch stages.
+        self.config = config
+        self.indexer_loss: torch.Tensor | None = None
+        self.indexer_metrics: dict | None = None
+        self._head_prob_sink: list[torch.Tensor] | None = None
 
     def forward(
         self,
@@ -87,12 +94,24 @@ class DeepseekV32Attention(nn.Module):
         if absorb is None:
             absorb = past_len > 0 and seq <= ABSORB_MAX_QUERIES
         attend = self._absorbed if absorb else self._expanded
-        output = attend(q_nope, q_rope, latent, k_rope, selection, past_len, key_valid)
+        stage = self.config.indexer_training
+        # While the indexer trains, `_attend` hands over its head-summed probabilities: the indexer's KL target.
+        sink = self._head_prob_sink = [] if stage is not None and self.training and past_len == 0 else None
+        attended = None if stage == "dense_warmup" else selection  # warm-up: main attention stays dense
+        output = attend(q_nope, q_rope, latent, k_rope, attended, past_len, key_valid)
+        self._head_prob_sink = None
+        if sink is not None:
+            record_indexer_loss(self, hidden_states, q_latent, cos, sin, key_valid, selection, sink, stage)
         return self.o_proj(output.flatten(2).to(hidden_states.dtype))
 
     # ----------------------------------------------------------------------------------------------------------
     # Each form supplies, per query chunk, scores [B, C, H, K] and the values with the einsum that combines them.
     def _expanded(self, q_nope, q_rope, latent, k_rope, selection, past_len, key_valid) -> torch.Tensor:
+        # Same function, computed by the absorbed kernel; not while indexer training needs `_attend`'s probabilities.
+        if self._head_prob_sink is None and _kernels.sparse_mla_supported(q_rope, latent):
+            if isinstance(self.kv_b_proj, FP8Linear):  # as kv_b_proj's input, the latent is quantized to FP8
+                latent = _kernels.fp8_round_trip(latent)
+            return self._absorbed(q_nope, q_rope, latent, k_rope, selection, past_len, key_valid)
         kv = self.kv_b_proj(latent).view(*latent.shape[:2], self.num_heads, self.nope_dim + self.v_head_dim)
         k_nope, values = kv.split((self.nope_dim, self.v_head_dim), dim=-1)
         keys = torch.cat((k_nope, k_rope[:, :, None].expand(-1, -1, self.num_heads, -1)), dim=-1)
@@ -113,6 +132,11 @@ class DeepseekV32Attention(nn.Module):
     def _absorbed(self, q_nope, q_rope, latent, k_rope, selection, past_len, key_valid) -> torch.Tensor:
         w_uk, w_uv = self._absorb_weights(latent.dtype)
         q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)
+        out_latent = None
+        if self._head_prob_sink is None:  # indexer training reads `_attend`'s probabilities
+            out_latent = _kernels.sparse_mla(q_latent, q_rope, latent, k_rope, selection, past_len, key_valid, self.scaling)
+        if out_latent is not None:
+            return torch.einsum("bshc,hvc->bshv", out_latent, w_uv)
 
         def chunk_terms(start: int, stop: int, indices: torch.Tensor | None):
             q_lat, q_pe = q_latent[:, start:stop], q_rope[:, start:stop]
@@ -145,6 +169,8 @@ class DeepseekV32Attention(nn.Module):
             scores = (scores.float() * self.scaling).masked_fill(~allowed, torch.finfo(torch.float32).min)
             # Multiplying by `allowed` zeroes rows with no visible key (left-padding queries) instead of NaN.
             probs = scores.softmax(dim=-1) * allowed
+            if self._head_prob_sink is not None:
+                self._head_prob_sink.append(probs.detach().sum(dim=2))
             outputs.append(torch.einsum(equation, probs.to(values.dtype), values))
         return torch.cat(outputs, dim=1)
 
@@ -155,11 +181,24 @@ class DeepseekV32Attention(nn.Module):
                 weight = self.kv_b_proj.dequantize_weight(dtype)
                 self._absorb_weight_cache = self._split_kv_b(weight)
             return self._absorb_weight_cache
-        return self._split_kv_b(self.kv_b_proj.weight.to(dtype))
+        return self._split_kv_b(_applied_weight(self.kv_b_proj).to(dtype))
 
     def _split_kv_b(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         weight = weight.view(self.num_heads, self.nope_dim + self.v_head_dim, self.kv_lora_rank)
         return weight[:, : self.nope_dim], weight[:, self.nope_dim :]
+
+
+def _applied_weight(linear: nn.Module) -> torch.Tensor:
+    """The matrix a linear module applies, unmerged PEFT LoRA deltas included: the absorbed path reads the weight
+    instead of calling the module, so it would otherwise decode without the adapters that prefill used."""
+    weight = linear.weight
+    delta = getattr(linear, "get_delta_weight", None)
+    if delta is None or getattr(linear, "merged", False) or getattr(linear, "disable_adapters", False):
+        return weight
+    for adapter in linear.active_adapters:
+        if adapter in getattr(linear, "lora_A", {}):
+            weight = weight + delta(adapter)
+    return weight
 
 
 def _gather_tokens(tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

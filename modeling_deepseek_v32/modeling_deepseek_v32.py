@@ -19,6 +19,7 @@ from .configuration import DeepseekV32Config
 from .fp8 import FP8Linear, quantize_weight_blockwise
 from .layers import DeepseekV32MLP, DeepseekV32RMSNorm
 from .moe import DeepseekV32MoE, DeepseekV32TopkRouter
+from .moe_balancing import layer_mean
 from .mtp_generation import mtp_generate
 from .rope import DeepseekV32RotaryEmbedding, yarn_inverse_frequencies
 from .weights import check_loading_info
@@ -36,10 +37,15 @@ __all__ = [
 
 @dataclass
 class DeepseekV32CausalLMOutput(CausalLMOutputWithPast):
-    """Causal LM output; ``mtp_loss`` is the MTP head's cross-entropy on tokens two ahead (already added to ``loss``
-    with weight ``config.mtp_loss_weight``), reported separately for logging."""
+    """Causal LM output. Side losses are reported separately for logging, each without its weight, and are already
+    added to ``loss`` with it: ``mtp_loss`` (MTP head's cross-entropy on tokens two ahead, ``config.mtp_loss_weight``),
+    ``aux_loss`` (sequence-wise MoE balance loss averaged over MoE layers, ``config.moe_aux_loss_alpha``) and
+    ``indexer_loss`` (the lightning indexer's KL to the main attention averaged over layers,
+    ``config.indexer_loss_coef``). The last two exist only in training mode with their option on."""
 
     mtp_loss: torch.FloatTensor | None = None
+    aux_loss: torch.FloatTensor | None = None
+    indexer_loss: torch.FloatTensor | None = None
 
 
 class DeepseekV32DecoderLayer(GradientCheckpointingLayer):
@@ -139,6 +145,13 @@ class DeepseekV32PreTrainedModel(PreTrainedModel):
             init.copy_(module.inv_freq, yarn_inverse_frequencies(self.config))
         else:
             super()._init_weights(module)
+
+    def routing_stats(self, accumulated: bool = False):
+        """Per-expert loads of every MoE router in the last forward, as ``training.RoutingStats`` (``.loads``,
+        ``.imbalance``, ``.summary()``); ``accumulated=True`` gives those summed since the last bias update."""
+        from .training import routing_stats  # the Trainer machinery is imported only when asked for
+
+        return routing_stats(self, accumulated)
 
     @classmethod
     def from_pretrained(cls, *args, allow_missing_weights: bool = False, **kwargs):
@@ -285,6 +298,13 @@ class DeepseekV32Model(DeepseekV32PreTrainedModel):
         return self.mtp_layers[depth](hidden_states, next_input_ids, cos, sin, key_valid, past_key_values)
 
 
+def _share_of_label_tokens(labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor | float:
+    """This batch's predicted tokens over ``num_items_in_batch`` (1 without it); counted as ``Trainer`` counts them."""
+    if num_items_in_batch is None:
+        return 1.0
+    return labels[..., 1:].ne(-100).sum() / torch.as_tensor(num_items_in_batch, device=labels.device)
+
+
 class DeepseekV32ForCausalLM(DeepseekV32PreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -317,7 +337,10 @@ class DeepseekV32ForCausalLM(DeepseekV32PreTrainedModel, GenerationMixin):
         """Causal LM forward. ``labels`` give the shifted cross-entropy (``-100`` ignored; ``num_items_in_batch``
         from ``Trainer`` normalizes it under gradient accumulation); with ``config.mtp_loss_weight > 0`` the MTP
         loss is added (and reported as ``mtp_loss``). ``logits_to_keep`` limits logits to the last N positions (or
-        the given indices)."""
+        the given indices). In training mode the MoE balance loss (``config.moe_aux_loss_alpha``) and the indexer loss
+        (``config.indexer_training``) are added too; under ``num_items_in_batch`` each is weighted by this batch's share
+        of the label tokens, so gradient accumulation sums them to a token-weighted mean like the cross-entropy."""
+        self._take_side_losses()  # drop what an uncollected forward (a bare `self.model(...)`) left behind
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -336,13 +359,35 @@ class DeepseekV32ForCausalLM(DeepseekV32PreTrainedModel, GenerationMixin):
             if self.config.mtp_loss_weight and len(self.model.mtp_layers):
                 mtp_loss = self.mtp_loss(hidden_states, input_ids, labels, attention_mask, position_ids, **kwargs)
                 loss = loss + self.config.mtp_loss_weight * mtp_loss
+        aux_loss, indexer_loss = self._take_side_losses()
+        if loss is not None and (aux_loss is not None or indexer_loss is not None):
+            share = _share_of_label_tokens(labels, kwargs.get("num_items_in_batch"))
+            share = share.to(loss.device) if torch.is_tensor(share) else share
+            if aux_loss is not None:
+                loss = loss + (self.config.moe_aux_loss_alpha * share) * aux_loss.to(loss.device)
+            if indexer_loss is not None:
+                loss = loss + (self.config.indexer_loss_coef * share) * indexer_loss.to(loss.device)
         return DeepseekV32CausalLMOutput(
             loss=loss,
             logits=logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             mtp_loss=mtp_loss,
+            aux_loss=aux_loss,
+            indexer_loss=indexer_loss,
         )
+
+    def _take_side_losses(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Collect and clear the losses that MoE layers (balance) and attention layers (indexer KL) stashed during
+        this forward; each is averaged over the layers that produced one."""
+        balance, indexer = [], []
+        for layer in self.model.layers:
+            for module, name, found in ((layer.mlp, "balance_loss", balance), (layer.self_attn, "indexer_loss", indexer)):
+                value = getattr(module, name, None)
+                if value is not None:
+                    found.append(value)
+                    setattr(module, name, None)
+        return layer_mean(balance), layer_mean(indexer)
 
     def mtp_loss(
         self,

@@ -13,6 +13,7 @@ from torch import nn
 
 from .configuration import DeepseekV32Config
 from .layers import DeepseekV32MLP
+from .moe_balancing import expert_load, in_checkpoint_recompute, sequence_balance_loss
 
 
 class DeepseekV32TopkRouter(nn.Module):
@@ -34,15 +35,26 @@ class DeepseekV32TopkRouter(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts, dtype=torch.float32))
         else:
             self.e_score_correction_bias = None
+        # Routing statistics (plain attributes, not state): slots per expert in the last forward, and summed over
+        # training forwards until the bias update (training.DeepseekV32BiasUpdateCallback) consumes them.
+        self.last_load: torch.Tensor | None = None
+        self.accumulated_load: torch.Tensor | None = None
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``hidden_states``: [tokens, hidden]. Returns (router_logits, weights [tokens, k] fp32, experts [tokens, k])."""
-        logits = F.linear(hidden_states.float(), self.weight.float())
+        # fp32 routing as DeepSeek's runtime does, also under bf16 autocast (which would run this linear in bf16).
+        with torch.autocast(device_type=hidden_states.device.type, enabled=False):
+            logits = F.linear(hidden_states.float(), self.weight.float())
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         selection = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
         if self.topk_method != "greedy" and self.n_group > 1:
             selection = self._keep_best_groups(selection)
         experts = selection.topk(self.top_k, dim=-1, sorted=False).indices
+        if not in_checkpoint_recompute():
+            self.last_load = expert_load(experts, self.n_routed_experts)
+            if self.training:
+                previous = self.accumulated_load
+                self.accumulated_load = self.last_load if previous is None else previous + self.last_load
         weights = scores.gather(1, experts)
         if self.norm_topk_prob and self.top_k > 1:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
@@ -64,6 +76,11 @@ class DeepseekV32MoE(nn.Module):
 
     def __init__(self, config: DeepseekV32Config):
         super().__init__()
+        # Read live, so changing `moe_aux_loss_alpha` on a built model takes effect.
+        self.config = config
+        # DeepSeek-V3's sequence-wise balance loss of the last training forward (without alpha); the causal LM
+        # collects it into `aux_loss`.
+        self.balance_loss: torch.Tensor | None = None
         self.gate = DeepseekV32TopkRouter(config)
         self.experts = nn.ModuleList(
             DeepseekV32MLP(config, config.moe_intermediate_size) for _ in range(config.n_routed_experts)
@@ -77,7 +94,17 @@ class DeepseekV32MoE(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         tokens = hidden_states.reshape(-1, shape[-1])
-        _, weights, experts = self.gate(tokens)
+        logits, weights, experts = self.gate(tokens)
+        if self.training and self.config.moe_aux_loss_alpha > 0:
+            scores = logits.sigmoid() if self.gate.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+            sequences = shape[0] if len(shape) == 3 else 1
+            balance_loss = sequence_balance_loss(
+                scores.view(sequences, -1, scores.shape[-1]), experts.view(sequences, -1, experts.shape[-1])
+            )
+            # A checkpoint recomputation must save the same tensors as the first forward, so it computes the loss
+            # too, but only the first forward's value (already collected) is kept.
+            if not in_checkpoint_recompute():
+                self.balance_loss = balance_loss
         routed = self.run_experts(tokens, weights, experts)
         if self.shared_experts is not None:
             routed = routed + self.shared_experts(tokens).float()

@@ -16,6 +16,7 @@ from .modeling_deepseek_v32 import (
 )
 
 __all__ = [
+    "default_model_path",
     "DeepseekV32Cache",
     "DeepseekV32Config",
     "DeepseekV32ForCausalLM",
@@ -23,6 +24,15 @@ __all__ = [
     "DeepseekV32PreTrainedModel",
 ]
 __version__ = "0.1.0"
+
+
+def default_model_path() -> str:
+    """Directory of the small trained DeepSeek-V3.2 ("nano", Python-source domain) shipped inside the package:
+    ``AutoModelForCausalLM.from_pretrained(default_model_path())`` works offline."""
+    from importlib import resources
+
+    return str(resources.files(__name__).joinpath("default_model"))
+
 
 AutoConfig.register(DeepseekV32Config.model_type, DeepseekV32Config, exist_ok=True)
 AutoModel.register(DeepseekV32Config, DeepseekV32Model, exist_ok=True)

@@ -35,9 +35,18 @@ def _check_model_source(model: str) -> None:
         raise SystemExit(f"model path {model!r} does not exist")
 
 
+def _resolve_source(args: argparse.Namespace) -> None:
+    """No --model and no --preset: the trained default model shipped with the package."""
+    if args.model is None and args.preset is None:
+        from . import default_model_path
+
+        args.model = default_model_path()
+
+
 def load_config(args: argparse.Namespace):
     from .configuration import DeepseekV32Config
 
+    _resolve_source(args)
     if args.model:
         _check_model_source(args.model)
         return DeepseekV32Config.from_pretrained(args.model)
@@ -50,6 +59,7 @@ def load_model_and_tokenizer(args: argparse.Namespace):
     from .configuration import DeepseekV32Config
     from .modeling_deepseek_v32 import DeepseekV32ForCausalLM
 
+    _resolve_source(args)
     if args.model:
         _check_model_source(args.model)
     tokenizer_source = args.tokenizer or (args.model if args.model and _has_tokenizer(args.model) else None)
@@ -185,8 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_options(command: argparse.ArgumentParser, sampling: bool = True) -> None:
         source = command.add_mutually_exclusive_group()
-        source.add_argument("--model", help="checkpoint directory or Hub id")
-        source.add_argument("--preset", choices=PRESETS, default="tiny", help="random-weight preset (default: tiny)")
+        source.add_argument("--model", help="checkpoint directory or Hub id (default: the shipped nano model)")
+        source.add_argument("--preset", choices=PRESETS, help="a preset with random weights instead of a checkpoint")
         command.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
         if not sampling:
             return

@@ -49,7 +49,9 @@ def differentiable_index_scores(
     """Index scores ``sum_h w_h * ReLU(q_h . k_t)`` in fp32 with gradients to the indexer's weights, over all keys
     (``[B, S, T]``, T = S: no cache) or, given ``indices`` ``[B, S, K]``, over those keys only (``[B, S, K]``).
     Inputs are detached: only the indexer learns from these scores. No mask is applied."""
-    hidden_states, q_latent = hidden_states.detach(), q_latent.detach()
+    # Autocast is off here (fp32 scores), so activations produced under bf16 autocast must meet the weights' dtype.
+    hidden_states = _as_input_of(indexer.wk, hidden_states.detach())
+    q_latent = _as_input_of(indexer.wq_b, q_latent.detach())
     norm = indexer.k_norm
     keys = F.layer_norm(indexer.wk(hidden_states).float(), norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps)
     keys = indexer._rope(keys, cos, sin)
@@ -65,6 +67,13 @@ def differentiable_index_scores(
     selected = keys[batch_index, indices.reshape(batch, seq * k)].view(batch, seq, k, -1)
     logits = torch.einsum("bshd,bskd->bshk", queries, selected).relu()
     return torch.einsum("bsh,bshk->bsk", weights, logits)
+
+
+def _as_input_of(linear: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    weight = getattr(linear, "weight", None)
+    if weight is not None and weight.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        return x.to(weight.dtype)
+    return x  # FP8 / quantized modules convert their input themselves
 
 
 def indexer_kl_loss(

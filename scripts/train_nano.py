@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Train the "nano" DeepSeek-V3.2 shipped with the package, on the Python standard library's own source.
+"""Train the "nano" DeepSeek-V3.2 shipped with the package, on Python source every installation has (the standard
+library, transformers, torch).
 
 Every architectural feature is on: MLA with q-LoRA, DSA with ``index_topk`` below the context length (its indexer
 trained by the KL objective of DeepSeek's V3.2 report), grouped MoE with shared experts and auxiliary-loss-free bias
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import json
 import math
 import random
@@ -41,14 +43,21 @@ def nano_config(vocab_size: int, context: int):
         max_position_embeddings=4 * context,
         rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": context,
                       "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
-        mtp_loss_weight=0.3, bos_token_id=0, eos_token_id=1, pad_token_id=2, tie_word_embeddings=False,
+        mtp_loss_weight=0.3, indexer_loss_coef=1.0, bos_token_id=0, eos_token_id=1, pad_token_id=2, tie_word_embeddings=False,
     )  # fmt: skip
 
 
-def corpus_files() -> list[Path]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = [path for path in sorted(root.rglob("*.py")) if not SKIPPED_DIRS & set(path.relative_to(root).parts)]
-    return [path for path in files if path.stat().st_size < 400_000]
+def corpus_files(sources: list[str]) -> list[Path]:
+    """Python source every machine with this package has: the standard library and installed dependencies."""
+    files = []
+    for source in sources:
+        if source == "stdlib":
+            root, skipped = Path(sysconfig.get_paths()["stdlib"]), SKIPPED_DIRS
+        else:  # an installed package; transformers' 400+ model folders would make the corpus repetitive
+            root, skipped = Path(importlib.import_module(source).__file__).parent, SKIPPED_DIRS | {"models", "testing"}
+        found = [path for path in sorted(root.rglob("*.py")) if not skipped & set(path.relative_to(root).parts)]
+        files.extend(path for path in found if path.stat().st_size < 400_000)
+    return files
 
 
 def read_texts(files: list[Path]) -> list[str]:
@@ -103,8 +112,14 @@ def evaluate(model, stream: torch.Tensor, context: int, device: str, batches_: i
     return sum(losses) / len(losses)
 
 
+def code_excerpt(text: str, chars: int) -> str:
+    """``chars`` characters from the first top-level function on (module headers are licence text and prose)."""
+    start = text.find("\ndef ") + 1
+    return text[start : start + chars]
+
+
 def mtp_acceptance(model, tokenizer, texts: list[str], device: str) -> dict:
-    prompts = [text[:200] for text in texts[:8]]
+    prompts = [code_excerpt(text, 300) for text in texts[:8]]
     tokenizer.padding_side = "left"
     inputs = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
     out = model.generate(**inputs, max_new_tokens=64, do_sample=False, use_mtp=True, return_dict_in_generate=True,
@@ -122,16 +137,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="number of steps (default: as many as --minutes allow)")
     parser.add_argument("--minutes", type=float, default=6.0, help="time budget when --steps is not given")
     parser.add_argument("--bias-gamma", type=float, default=1e-3, help="aux-loss-free balancing step")
+    parser.add_argument("--dense-warmup", type=float, default=0.15,
+                        help="fraction of the run with dense attention while the indexer learns to imitate it")
+    parser.add_argument("--corpus", default="stdlib,transformers,torch",
+                        help="comma-separated sources: 'stdlib' and/or installed packages whose .py files to train on")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
 
     from modeling_deepseek_v32 import DeepseekV32ForCausalLM
-    from modeling_deepseek_v32.moe import DeepseekV32TopkRouter
+    from modeling_deepseek_v32.training import update_routing_bias
 
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    files = corpus_files()
+    sources = args.corpus.split(",")
+    files = corpus_files(sources)
     texts = read_texts(files)
     digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
     order = list(range(len(texts)))
@@ -147,7 +167,6 @@ def main(argv: list[str] | None = None) -> int:
 
     config = nano_config(len(tokenizer), args.context)
     model = DeepseekV32ForCausalLM(config).to(args.device).train()
-    routers = [m for m in model.modules() if isinstance(m, DeepseekV32TopkRouter)]
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     data = batches(train_stream, args.batch, args.context, torch.Generator().manual_seed(args.seed))
     total_steps = args.steps or 10**9
@@ -156,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.steps is None and time.perf_counter() - start > 60 * args.minutes:
             break
         planned = args.steps or max(step + 1, int(step / max(1e-9, (time.perf_counter() - start) / (60 * args.minutes))))
+        progress = step / (planned if args.steps is None else total_steps)
+        # DSA training as in DeepSeek's V3.2 report, from scratch: attention dense while the indexer learns to imitate
+        # it (KL to the head-summed attention), then sparse attention with the indexer trained on its selection.
+        model.config.indexer_training = "dense_warmup" if progress < args.dense_warmup else "sparse"
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, planned if args.steps is None else total_steps, args.lr)
         ids = next(data).to(args.device)
@@ -165,10 +188,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        _balance(routers, args.bias_gamma)
+        balance = update_routing_bias(model, args.bias_gamma).summary()
         if step % 25 == 0:
             entry = {"step": step, "seconds": round(time.perf_counter() - start, 1), "loss": round(out.loss.item(), 4),
                      "mtp_loss": round(out.mtp_loss.item(), 4) if out.mtp_loss is not None else None}  # fmt: skip
+            entry.update({key: round(value, 3) for key, value in balance.items()})
             for name in ("indexer_loss", "aux_loss"):
                 value = getattr(out, name, None)
                 if value is not None:
@@ -177,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(entry), file=sys.stderr)
         step += 1
 
+    model.config.indexer_training = None
     val_loss = evaluate(model, val_stream, args.context, args.device)
     model.eval()
     acceptance = mtp_acceptance(model, tokenizer, val_texts, args.device)
@@ -185,25 +210,56 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer.save_pretrained(output)
     record = {
         "seed": args.seed, "steps": step, "batch": args.batch, "context": args.context, "lr": args.lr,
-        "data": {"source": "Python standard library source (.py, tests excluded)", "python": sys.version.split()[0],
-                 "files": len(files), "sha256": digest, "train_tokens": len(train_stream)},
+        "data": {"sources": source_versions(sources), "files": len(files), "sha256": digest,
+                 "train_tokens": len(train_stream), "note": ".py files; stdlib tests and package models/ excluded"},
         "validation_loss": round(val_loss, 4), "mtp": acceptance, "log": log,
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": sum(p.numel() for p in model.parameters()), "vocab_size": len(tokenizer),
     }  # fmt: skip
     (output / "training_log.json").write_text(json.dumps(record, indent=1))
+    (output / "README.md").write_text(model_card(record))
     print(json.dumps({k: v for k, v in record.items() if k != "log"}), file=sys.stderr)
     return 0
 
 
-@torch.no_grad()
-def _balance(routers, gamma: float) -> None:
-    """DeepSeek's auxiliary-loss-free balancing: nudge each expert's selection bias towards the mean load."""
-    for router in routers:
-        load = getattr(router, "last_load", None)
-        if load is None or router.e_score_correction_bias is None:
-            continue
-        load = load.float()
-        router.e_score_correction_bias += gamma * torch.sign(load.mean() - load)
+def source_versions(sources: list[str]) -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {name: sys.version.split()[0] if name == "stdlib" else version(name) for name in sources}
+
+
+def model_card(record: dict) -> str:
+    mtp = record["mtp"]
+    acceptance = ", ".join(f"{rate:.0%}" for rate in mtp["acceptance"])
+    sources = ", ".join(
+        f"Python {v} standard library" if k == "stdlib" else f"{k} {v}" for k, v in record["data"]["sources"].items()
+    )
+    return f"""---
+license: mit
+library_name: transformers
+pipeline_tag: text-generation
+tags: [deepseek_v32, mla, dsa, moe, mtp, nano]
+---
+
+# DeepSeek-V3.2 nano (Python source)
+
+A {record["parameters"] / 1e6:.1f}M-parameter DeepSeek-V3.2 with every architectural feature on (MLA with q-LoRA, DSA with
+`index_topk` 128 below the {record["context"]}-token context, grouped MoE with a shared expert and bias balancing, one
+MTP module, YaRN), trained by `scripts/train_nano.py` of the `deepseek-v32` package on Python source code that
+ships with every installation of it ({sources}: {record["data"]["files"]} files, sha256 {record["data"]["sha256"]}),
+with its own {len_vocab(record)} byte-level BPE tokenizer.
+
+- {record["steps"]} steps of {record["batch"]} x {record["context"]} tokens, seed {record["seed"]}; validation loss
+  {record["validation_loss"]} (held-out files).
+- MTP greedy self-speculative decoding on held-out files: acceptance {acceptance},
+  {mtp["tokens_per_forward"]:.2f} tokens per main forward.
+
+It completes Python code in the style of those libraries; it knows nothing else. `training_log.json` holds the
+loss curve.
+"""
+
+
+def len_vocab(record: dict) -> str:
+    return f"{record.get('vocab_size', 4096)}-token"
 
 
 if __name__ == "__main__":

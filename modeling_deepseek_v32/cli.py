@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import time
@@ -189,6 +190,17 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+# Checkpoint tools of modeling_deepseek_v32.conversion, reachable as `deepseek-v32 <name> ...`.
+TOOLS = {
+    "dequantize-fp8": ("dequantize_fp8", "block-FP8 checkpoint -> BF16/FP16/FP32, streamed"),
+    "quantize-fp8": ("quantize_fp8", "BF16 checkpoint -> block FP8 (128x128 scales)"),
+    "demo-format": ("demo_format", "HF layout <-> DeepSeek's inference-demo layout (model{rank}-mp{N})"),
+    "derive": ("derive", "a smaller model: first N layers, a subset of experts, MTP kept or dropped"),
+    "verify": ("verify", "check a checkpoint directory against its config"),
+    "upload": ("hub_upload", "publish a checkpoint on the Hugging Face Hub with remote code"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepseek-v32", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -228,9 +240,19 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--batch", type=int, default=1)
     speed.add_argument("--prompt-tokens", type=int, default=128)
     speed.set_defaults(handler=bench)
+
+    for name, (_, summary) in TOOLS.items():  # listed for --help; main() hands them their arguments
+        commands.add_parser(name, help=f"{summary} (see `deepseek-v32 {name} --help`)", add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in TOOLS:  # the tool parses its own arguments, --help included
+        module, _ = TOOLS[argv[0]]
+        tool = importlib.import_module(f"{__package__}.conversion.{module}")
+        if module == "hub_upload":
+            return tool.main(argv[1:], prog="deepseek-v32 upload")
+        return tool.main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.handler(args)

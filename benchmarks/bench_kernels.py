@@ -3,7 +3,7 @@
 Reports median time (triton.testing.do_bench), achieved TFLOP/s and GB/s (minimum bytes: each input read once,
 each output written once; gathered latent rows counted once per query) and, with --sweep, a few launch configs.
 
-    python benchmarks/bench_kernels.py --out kernels.json [--sweep] [--only mla,indexer,fp8]
+    python benchmarks/bench_kernels.py --out kernels.json [--sweep] [--only mla,indexer,fp8,moe]
 """
 
 from __future__ import annotations
@@ -157,18 +157,81 @@ def bench_fp8(results, sweep):
             print(json.dumps(row), flush=True)
 
 
+def bench_moe(results, sweep):
+    """One bench MoE layer's routed experts (64 x SwiGLU 2048 -> 1408, top-6): grouped kernel vs the per-expert loop
+    (the loop's linears use cuBLAS bf16 / the FP8 GEMM kernel). Bytes: the weights of the experts that received
+    tokens, read once, plus activations in and out; FLOPs: 3 GEMMs per routed slot."""
+    import modeling_deepseek_v32.kernels as kernels
+    from modeling_deepseek_v32.configuration import DeepseekV32Config
+    from modeling_deepseek_v32.kernels.moe_kernel import grouped_experts
+    from modeling_deepseek_v32.moe import DeepseekV32MoE
+
+    for fp8 in (False, True):
+        quant = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+        config = DeepseekV32Config.from_preset("bench", quantization_config=quant if fp8 else None)
+        torch.manual_seed(0)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)
+        with torch.device("cuda"):
+            moe = DeepseekV32MoE(config).eval()
+        torch.set_default_dtype(previous)
+        if fp8:
+            from modeling_deepseek_v32.fp8 import FP8Linear, quantize_weight_blockwise
+
+            for module in moe.modules():
+                if isinstance(module, FP8Linear):
+                    w, s = quantize_weight_blockwise(torch.randn(module.weight.shape, device="cuda") * 0.02)
+                    module.weight.data.copy_(w)
+                    module.weight_scale_inv.data.copy_(s)
+        hidden, inter, top_k, n_exp = config.hidden_size, config.moe_intermediate_size, 6, config.n_routed_experts
+        for tokens in (1, 8, 64, 512, 4096, 8192):
+            x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+            experts = torch.rand(tokens, n_exp, device="cuda").topk(top_k, dim=-1).indices
+            weights = torch.rand(tokens, top_k, device="cuda")
+            used = int(experts.unique().numel())
+            flops = 2 * tokens * top_k * 3 * hidden * inter
+            nbytes = used * 3 * hidden * inter * (1 if fp8 else 2) + tokens * hidden * (2 + 4)
+            with torch.no_grad():
+                moe.run_experts(x, weights, experts)  # builds the pointer tables
+                tables = moe._grouped_moe_tables[1]
+                configs = [None]
+                if sweep and tokens in (1, 8192):
+                    configs += [(16, 64, 64, 4, 4), (16, 32, 64, 4, 4), (16, 128, 128, 4, 4)] if tokens == 1 else [
+                        (64, 64, 128, 4, 3), (128, 128, 128, 8, 3), (128, 64, 64, 4, 3), (64, 128, 128, 4, 4)]
+                for cfg in configs:
+                    try:
+                        ms = _bench(lambda: grouped_experts(x, weights, experts, tables, inter, fp8, cfg))
+                    except Exception as error:
+                        results.append({"kernel": "grouped_moe", "tokens": tokens, "config": cfg, "error": str(error)[:200]})
+                        continue
+                    row = {"kernel": "grouped_moe", "fp8": fp8, "tokens": tokens, "experts_used": used, "config": cfg,
+                           "ms": ms, "tflops": flops / ms / 1e9, "gbps": nbytes / ms / 1e6}  # fmt: skip
+                    results.append(row)
+                    print(json.dumps(row), flush=True)
+                kernels._broken.add("grouped_moe")  # time the twin loop (its linears still use the GEMM kernels)
+                try:
+                    ms = _bench(lambda: moe.run_experts(x, weights, experts), warmup=5, rep=20)
+                finally:
+                    kernels._broken.discard("grouped_moe")
+                row = {"kernel": "moe_loop", "fp8": fp8, "tokens": tokens, "ms": ms, "tflops": flops / ms / 1e9}
+                results.append(row)
+                print(json.dumps(row), flush=True)
+        del moe
+        torch.cuda.empty_cache()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench_kernels.json")
     parser.add_argument("--sweep", action="store_true", help="also time a few launch configurations")
-    parser.add_argument("--only", default="mla,indexer,fp8")
+    parser.add_argument("--only", default="mla,indexer,fp8,moe")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
     results = []
     start = time.time()
     for name in args.only.split(","):
-        {"mla": bench_mla, "indexer": bench_indexer, "fp8": bench_fp8}[name](results, args.sweep)
+        {"mla": bench_mla, "indexer": bench_indexer, "fp8": bench_fp8, "moe": bench_moe}[name](results, args.sweep)
         torch.cuda.empty_cache()
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "seconds": time.time() - start}
     with open(args.out, "w") as handle:

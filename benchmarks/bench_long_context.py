@@ -39,10 +39,11 @@ def parse_args(argv=None):
     parser.add_argument("--decode-contexts", type=_ints, default=_ints("1024,8192,32768,131072"))
     parser.add_argument("--decode-batches", type=_ints, default=_ints("1,8"))
     parser.add_argument("--decode-steps", type=int, default=16, help="timed decode steps per point (after 3 warm-up)")
-    parser.add_argument("--models", default="ours,native", help="comma list of: ours, ours_fp8, native")
+    parser.add_argument("--models", default="ours,native", help="comma list of: ours, ours_fp8, ours_loop (grouped MoE kernel off), native")
     parser.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (default: preset's 6)")
     parser.add_argument("--native-attn", default="sdpa", help="attn_implementation for the native model")
-    parser.add_argument("--time-budget", type=float, default=1e9, help="seconds; skip remaining points after it")
+    parser.add_argument("--time-budget", type=float, default=1e9,
+                        help="seconds per model; skip its remaining points after it")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", type=int, default=0, help="profile one prefill of this size and a decode step")
     parser.add_argument("--warmup-sizes", type=_ints, default=_ints("256,1024,4096"))
@@ -305,6 +306,7 @@ def main(argv=None):
     if DEVICE == "cuda" and not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
     import modeling_deepseek_v32
+    from modeling_deepseek_v32 import kernels
     from modeling_deepseek_v32.kernels import kernels_enabled
 
     deadline = time.time() + args.time_budget
@@ -330,7 +332,7 @@ def main(argv=None):
             model = None
             try:
                 t0 = time.time()
-                if name in ("ours", "ours_fp8"):
+                if name in ("ours", "ours_fp8", "ours_loop"):
                     model = build_ours(args, fp8=name == "ours_fp8")
                     if name == "ours" and "native" in names and not saved:
                         model.save_pretrained(tmp)
@@ -347,7 +349,13 @@ def main(argv=None):
                 else:
                     raise ValueError(f"unknown model {name!r}")
                 record["setup_seconds"] = round(time.time() - t0, 1)
-                run_model(name, model, args, record, deadline)
+                deadline = time.time() + args.time_budget
+                if name == "ours_loop":  # the per-expert loop (the grouped kernel's twin), for a same-run comparison
+                    kernels._broken.add("grouped_moe")
+                try:
+                    run_model(name, model, args, record, deadline)
+                finally:
+                    kernels._broken.discard("grouped_moe")
             except Exception as error:
                 record["error"] = f"{type(error).__name__}: {error}"[:500]
                 traceback.print_exc()

@@ -14,6 +14,9 @@ Dispatch hooks (called by the model; each returns ``None`` when the PyTorch twin
 * :func:`lightning_indexer` - indexer scores + top-k (``kernels/indexer_kernel.py``), twin
   ``DeepseekV32Indexer.forward``.
 * :func:`fp8_linear` - block-FP8 w8a8 GEMM (``kernels/fp8_gemm.py``), twin ``fp8_block_matmul``.
+* :func:`grouped_moe` - all routed experts of a MoE layer in three launches (``kernels/moe_kernel.py``), twin
+  ``DeepseekV32MoE.run_experts``'s per-expert loop; only for plain ``nn.Linear`` (bf16/fp16/fp32) or ``FP8Linear``
+  experts without hooks, so bitsandbytes, PEFT and offloading hooks keep the loop.
 
 A kernel runs when kernels are enabled, every tensor is on CUDA, no input needs a gradient (the kernels have no
 backward) and the shapes are supported. Each reason for falling back is logged once (logger
@@ -27,7 +30,8 @@ import functools
 import logging
 import os
 
-__all__ = ["kernels_enabled", "sparse_mla", "sparse_mla_supported", "fp8_round_trip", "lightning_indexer", "fp8_linear"]
+__all__ = ["kernels_enabled", "sparse_mla", "sparse_mla_supported", "fp8_round_trip", "lightning_indexer", "fp8_linear",
+           "grouped_moe"]
 
 _ENV_VAR = "DEEPSEEK_V32_KERNELS"
 logger = logging.getLogger(__name__)
@@ -218,3 +222,90 @@ def fp8_linear(x, w_fp8, scale_inv, bias, block_size):
     except ImportError:
         return None
     return _call("fp8_gemm", _impl.fp8_linear, x, w_fp8, scale_inv, bias)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Grouped MoE experts
+_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def _expert_tables(experts, device):
+    """``(key, weights, scales, fp8)`` of the experts' matrices, or a string saying why the kernel cannot read them.
+
+    The kernel bypasses the modules' ``forward``, so it only takes modules whose forward is exactly a product with
+    the stored matrix: the plain classes (a subclass such as bitsandbytes' ``Linear4bit`` or a PEFT wrapper computes
+    something else), no hooks (accelerate's offloading swaps weights in a pre-forward hook), no bias."""
+    import torch
+    from torch import nn
+
+    from ..fp8 import FP8Linear
+    from ..layers import DeepseekV32MLP
+
+    weights, scales, key = [], [], []
+    kinds = set()
+    for expert in experts:
+        if type(expert) is not DeepseekV32MLP or expert._forward_hooks or expert._forward_pre_hooks:
+            return f"expert module {type(expert).__name__} (or hooks)"
+        modules = expert._modules
+        for name in _PROJECTIONS:
+            linear = modules[name]
+            kind = type(linear)
+            if (kind is not nn.Linear and kind is not FP8Linear) or linear._forward_hooks or linear._forward_pre_hooks:
+                return f"expert projection {kind.__name__} (or hooks)"
+            if linear.bias is not None:
+                return "expert biases"
+            weight = linear.weight
+            if weight.device != device or not weight.is_contiguous():
+                return "expert weights off the activations' device or not contiguous"
+            kinds.add((kind, weight.dtype))
+            weights.append(weight)
+            key.append(weight.data_ptr())
+            if kind is FP8Linear:
+                if linear.block_size != (128, 128) or not linear.weight_scale_inv.is_contiguous():
+                    return f"FP8 block size {linear.block_size}"
+                scales.append(linear.weight_scale_inv)
+                key.append(scales[-1].data_ptr())
+    if len(kinds) != 1:
+        return "experts of mixed types or dtypes"
+    kind, dtype = kinds.pop()
+    if kind is nn.Linear and dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return f"expert weight dtype {dtype}"
+    shapes = {tuple(w.shape) for w in weights[0::3]}, {tuple(w.shape) for w in weights[1::3]}, {tuple(w.shape) for w in weights[2::3]}
+    if any(len(s) != 1 for s in shapes) or shapes[0] != shapes[1]:
+        return "experts of different shapes"
+    return tuple(key), weights, scales, kind is FP8Linear
+
+
+def grouped_moe(moe, tokens, weights, experts):
+    """Routed experts' weighted sum ``[T, hidden]`` fp32 for ``DeepseekV32MoE`` ``moe``, or None (run the loop)."""
+    import torch
+
+    if not _usable("grouped_moe", tokens, weights):
+        return None
+    if torch.is_grad_enabled() and any(p.requires_grad for p in moe.experts.parameters()):
+        _log_once("grouped_moe:grad", logging.INFO, "grouped_moe: expert weights need gradients; using PyTorch")
+        return None
+    found = _expert_tables(moe.experts, tokens.device)
+    if isinstance(found, str):
+        _unsupported("grouped_moe", found)
+        return None
+    key, matrices, scales, fp8 = found
+    if not fp8 and matrices[0].dtype != tokens.dtype:
+        _unsupported("grouped_moe", f"activations {tokens.dtype} with {matrices[0].dtype} experts")
+        return None
+    cached = getattr(moe, "_grouped_moe_tables", None)
+    if cached is None or cached[0] != key:
+        # Pointer tables are rebuilt whenever any expert matrix moved (loading, .to(), a swapped parameter).
+        def table(items):
+            return torch.tensor([t.data_ptr() for t in items], dtype=torch.int64, device=tokens.device)
+
+        tables = {name: table(matrices[i::3]) for i, name in enumerate(("gate", "up", "down"))}
+        if fp8:
+            tables.update({f"{name}_scale": table(scales[i::3]) for i, name in enumerate(("gate", "up", "down"))})
+        # Addresses only, no references: the key is checked against the live matrices on every call.
+        cached = (key, tables)
+        moe._grouped_moe_tables = cached
+    from . import moe_kernel as _impl
+
+    intermediate = matrices[0].shape[0]
+    return _call("grouped_moe", _impl.grouped_experts, tokens, weights, experts, cached[1], intermediate, fp8)

@@ -36,6 +36,9 @@ class MLALayerCache:
     def map(self, fn) -> None:
         for name, value in list(self.tensors()):
             setattr(self, name, fn(value))
+            buffer = self.extras.get(name)
+            if buffer is not None and buffer.data_ptr() != getattr(self, name).data_ptr():
+                del self.extras[name]  # the spare-room buffer of `_append` no longer backs the tensor
 
 
 class DeepseekV32Cache(Cache):
@@ -60,8 +63,8 @@ class DeepseekV32Cache(Cache):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append new latents / rope keys of ``layer_idx`` and return the full cached tensors."""
         layer = self.layers[layer_idx]
-        layer.latent = _append(layer.latent, latent)
-        layer.k_rope = _append(layer.k_rope, k_rope)
+        layer.latent = _append(layer, "latent", latent)
+        layer.k_rope = _append(layer, "k_rope", k_rope)
         return layer.latent, layer.k_rope
 
     def update_index_keys(
@@ -69,9 +72,9 @@ class DeepseekV32Cache(Cache):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Append indexer keys (and their FP8 scales) of ``layer_idx`` and return the full cached tensors."""
         layer = self.layers[layer_idx]
-        layer.index_k = _append(layer.index_k, index_k)
+        layer.index_k = _append(layer, "index_k", index_k)
         if index_k_scale is not None:
-            layer.index_k_scale = _append(layer.index_k_scale, index_k_scale)
+            layer.index_k_scale = _append(layer, "index_k_scale", index_k_scale)
         return layer.index_k, layer.index_k_scale
 
     # -- reading ------------------------------------------------------------------------------------------------
@@ -153,5 +156,33 @@ class DeepseekV32Cache(Cache):
         return f"{type(self).__name__}(layers={len(self.layers)}, tokens={self.get_seq_length()})"
 
 
-def _append(cached: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
-    return new if cached is None else torch.cat((cached, new.to(cached.device)), dim=1)
+# Spare tokens reserved when a layer's buffer grows: 1/8 of the length, at least 256, so a decode step writes into
+# the buffer in place and the whole cache is copied only every ~length/8 steps (torch.cat copied it every step).
+_MIN_SPARE = 256
+
+
+def _append(layer: MLALayerCache, name: str, new: torch.Tensor) -> torch.Tensor:
+    """``cat((cached, new), dim=1)`` as a view of a per-layer buffer with spare room, reused while the cached tensor
+    is still the front of that buffer (crop keeps it; reorder/select make new tensors, which start a new one)."""
+    cached = getattr(layer, name)
+    if cached is None:
+        return new  # prefill: stored as computed; decode steps start the buffer
+    new = new.to(cached.device)
+    length, count = cached.shape[1], new.shape[1]
+    buffer = layer.extras.get(name)
+    reusable = (
+        buffer is not None
+        and buffer.data_ptr() == cached.data_ptr()
+        and buffer.shape[0] == cached.shape[0]
+        and buffer.shape[2:] == cached.shape[2:]
+        and buffer.stride() == cached.stride()
+        and buffer.dtype == new.dtype
+        and buffer.shape[1] >= length + count
+    )
+    if not reusable:
+        capacity = length + count + max(_MIN_SPARE, (length + count) // 8)
+        buffer = cached.new_empty((cached.shape[0], capacity, *cached.shape[2:]))
+        buffer[:, :length] = cached
+        layer.extras[name] = buffer
+    buffer[:, length : length + count] = new
+    return buffer[:, : length + count]

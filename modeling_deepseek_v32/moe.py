@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels as _kernels
 from .configuration import DeepseekV32Config
 from .layers import DeepseekV32MLP
 from .moe_balancing import expert_load, in_checkpoint_recompute, sequence_balance_loss
@@ -35,13 +36,19 @@ class DeepseekV32TopkRouter(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts, dtype=torch.float32))
         else:
             self.e_score_correction_bias = None
-        # Routing statistics (plain attributes, not state): slots per expert in the last forward, and summed over
-        # training forwards until the bias update (training.DeepseekV32BiasUpdateCallback) consumes them.
+        # Routing statistics (plain attributes, not state): slots per expert of real (non-padding) tokens in the last
+        # forward, and summed over training forwards until the bias update (training.DeepseekV32BiasUpdateCallback)
+        # consumes them.
         self.last_load: torch.Tensor | None = None
         self.accumulated_load: torch.Tensor | None = None
 
-    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``hidden_states``: [tokens, hidden]. Returns (router_logits, weights [tokens, k] fp32, experts [tokens, k])."""
+    def forward(
+        self, hidden_states: torch.Tensor, token_valid: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``hidden_states``: [tokens, hidden]; ``token_valid``: optional bool [tokens], False for padding, which is
+        routed but left out of the expert loads.
+
+        Returns (router_logits, weights [tokens, k] fp32, experts [tokens, k])."""
         # fp32 routing as DeepSeek's runtime does, also under bf16 autocast (which would run this linear in bf16).
         with torch.autocast(device_type=hidden_states.device.type, enabled=False):
             logits = F.linear(hidden_states.float(), self.weight.float())
@@ -51,7 +58,7 @@ class DeepseekV32TopkRouter(nn.Module):
             selection = self._keep_best_groups(selection)
         experts = selection.topk(self.top_k, dim=-1, sorted=False).indices
         if not in_checkpoint_recompute():
-            self.last_load = expert_load(experts, self.n_routed_experts)
+            self.last_load = expert_load(experts, self.n_routed_experts, token_valid)
             if self.training:
                 previous = self.accumulated_load
                 self.accumulated_load = self.last_load if previous is None else previous + self.last_load
@@ -91,15 +98,20 @@ class DeepseekV32MoE(nn.Module):
             else None
         )
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, token_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """``hidden_states`` [..., hidden]; ``token_valid`` bool of the leading shape (False: padding, kept out of the
+        routing statistics and the balance loss)."""
         shape = hidden_states.shape
         tokens = hidden_states.reshape(-1, shape[-1])
-        logits, weights, experts = self.gate(tokens)
+        flat_valid = None if token_valid is None else token_valid.reshape(-1).to(tokens.device)
+        logits, weights, experts = self.gate(tokens, flat_valid)
         if self.training and self.config.moe_aux_loss_alpha > 0:
             scores = logits.sigmoid() if self.gate.scoring_func == "sigmoid" else logits.softmax(dim=-1)
             sequences = shape[0] if len(shape) == 3 else 1
             balance_loss = sequence_balance_loss(
-                scores.view(sequences, -1, scores.shape[-1]), experts.view(sequences, -1, experts.shape[-1])
+                scores.view(sequences, -1, scores.shape[-1]),
+                experts.view(sequences, -1, experts.shape[-1]),
+                None if flat_valid is None else flat_valid.view(sequences, -1),
             )
             # A checkpoint recomputation must save the same tensors as the first forward, so it computes the loss
             # too, but only the first forward's value (already collected) is kept.
@@ -111,7 +123,13 @@ class DeepseekV32MoE(nn.Module):
         return routed.to(hidden_states.dtype).view(shape)
 
     def run_experts(self, tokens: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """Sum of ``weights[t, j] * expert_{experts[t, j]}(tokens[t])`` accumulated in fp32."""
+        """Sum of ``weights[t, j] * expert_{experts[t, j]}(tokens[t])`` accumulated in fp32.
+
+        On CUDA the grouped Triton kernel computes it without a host sync (``kernels.grouped_moe``); this loop is its
+        twin, and runs for anything the kernel cannot read (quantized or PEFT-wrapped experts, training)."""
+        grouped = _kernels.grouped_moe(self, tokens, weights, experts)
+        if grouped is not None:
+            return grouped
         flat_experts = experts.flatten()
         order = flat_experts.argsort(stable=True)
         token_of_slot = order // experts.shape[1]

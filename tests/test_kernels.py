@@ -303,7 +303,7 @@ def test_tiny_model_with_kernels_matches_pytorch(use_kernels):
     use_kernels(True)
     kernels.calls.clear()
     actual = run()
-    assert kernels.calls["sparse_mla"] and kernels.calls["lightning_indexer"]
+    assert kernels.calls["sparse_mla"] and kernels.calls["lightning_indexer"] and kernels.calls["grouped_moe"]
     assert kernels.calls["fp8_gemm"] or quant is None
     valid = mask.bool()
     assert relative_error(actual[valid], expected[valid]) < 1e-4

@@ -161,6 +161,38 @@ def test_fp8_linear_bench_shapes(kernel_switch, tokens, features):
     assert relative_error(actual, expected) < 1e-2
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("tokens", [1, 8, 5000])
+def test_grouped_moe_bench_shapes(kernel_switch, fp8, tokens):
+    """Grouped kernel vs the per-expert loop and both vs an fp32 reference of the same weights: the kernel's error is
+    of the loop's size (they round the same intermediates; bf16 accumulation order differs)."""
+    from modeling_deepseek_v32.moe import DeepseekV32MoE
+
+    quant = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    config = _bench(quantization_config=quant if fp8 else None)
+    torch.manual_seed(0)
+    moe = DeepseekV32MoE(config).cuda().eval()
+    for module in moe.modules():
+        if isinstance(module, FP8Linear):
+            dense = torch.nn.Linear(module.in_features, module.out_features, bias=False, device="cuda")
+            quantized = FP8Linear.from_linear(dense)
+            module.weight.data.copy_(quantized.weight)
+            module.weight_scale_inv.data.copy_(quantized.weight_scale_inv)
+    moe = moe.to(torch.bfloat16)
+    x = _randn(tokens, config.hidden_size, seed=11)
+    experts = torch.rand(tokens, 64, device="cuda", generator=torch.Generator("cuda").manual_seed(12)).topk(6, -1).indices
+    weights = torch.rand(tokens, 6, device="cuda", generator=torch.Generator("cuda").manual_seed(13))
+    with torch.no_grad():
+        kernel_switch(True)
+        kernels._broken.add("grouped_moe")
+        loop = moe.run_experts(x, weights, experts)
+        kernels._broken.discard("grouped_moe")
+        before = kernels.calls["grouped_moe"]
+        grouped = moe.run_experts(x, weights, experts)
+        assert kernels.calls["grouped_moe"] == before + 1
+    assert relative_error(grouped, loop) < (3e-2 if fp8 else 1e-2)
+
+
 def test_bench_model_prefill_and_decode_with_kernels(kernel_switch):
     """Two bench layers in bf16: 4096-token prefill (sparse) and decode steps agree with the PyTorch model."""
     config = _bench(num_hidden_layers=2, num_nextn_predict_layers=0)
@@ -182,5 +214,5 @@ def test_bench_model_prefill_and_decode_with_kernels(kernel_switch):
     kernel_switch(True)
     kernels.calls.clear()
     actual = run()
-    assert kernels.calls["sparse_mla"] and kernels.calls["lightning_indexer"]
+    assert kernels.calls["sparse_mla"] and kernels.calls["lightning_indexer"] and kernels.calls["grouped_moe"]
     assert relative_error(actual, expected) < 5e-2

@@ -66,6 +66,18 @@ class DeepseekV32Config(PretrainedConfig):
     model_type = "deepseek_v32"
     keys_to_ignore_at_inference = ["past_key_values"]
     attribute_map = {"num_local_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers"}
+    # Tensor parallelism (`from_pretrained(tp_plan="auto")`): the dense MLP and the shared experts split colwise/
+    # rowwise (one all-reduce each). Attention stays replicated: the attention module reshapes with the full head
+    # count and its absorbed path reads kv_b_proj's whole matrix, and the latent projections and the indexer are
+    # shared by all heads. Routed experts stay replicated too. examples/tp_inference_check.py compares logits.
+    base_model_tp_plan = {
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+        "layers.*.mlp.shared_experts.gate_proj": "colwise",
+        "layers.*.mlp.shared_experts.up_proj": "colwise",
+        "layers.*.mlp.shared_experts.down_proj": "rowwise",
+    }
 
     def __init__(
         self,

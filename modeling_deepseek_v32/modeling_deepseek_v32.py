@@ -70,7 +70,12 @@ class DeepseekV32DecoderLayer(GradientCheckpointingLayer):
     ) -> torch.Tensor:
         attn_out = self.self_attn(self.input_layernorm(hidden_states), cos, sin, key_valid, past_key_values)
         hidden_states = hidden_states + attn_out
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        normed = self.post_attention_layernorm(hidden_states)
+        if isinstance(self.mlp, DeepseekV32MoE):
+            # Padding is still routed (its output is ignored) but must not count in expert loads or the balance loss.
+            token_valid = None if key_valid is None else key_valid[:, -hidden_states.shape[1] :]
+            return hidden_states + self.mlp(normed, token_valid)
+        return hidden_states + self.mlp(normed)
 
 
 class DeepseekV32SharedHead(nn.Module):
@@ -307,6 +312,7 @@ def _share_of_label_tokens(labels: torch.Tensor, num_items_in_batch: torch.Tenso
 
 class DeepseekV32ForCausalLM(DeepseekV32PreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}  # with config.base_model_tp_plan for tp_plan="auto"
 
     def __init__(self, config: DeepseekV32Config):
         super().__init__(config)

@@ -33,6 +33,10 @@ __all__ = [
     "per_expert_lora",
     "get_lora_model",
     "load_lora_adapter",
+    "package_architectures",
+    "QLORA_SKIP_MODULES",
+    "qlora_config",
+    "keep_experts_in_graph",
 ]
 
 
@@ -70,7 +74,8 @@ class RoutingStats:
 
 def routing_stats(model: nn.Module, accumulated: bool = False) -> RoutingStats:
     """Expert loads of the last forward (or, with ``accumulated=True``, summed over the training forwards since the
-    last bias update). Routers that have not run are left out. Padding tokens are routed, so they are counted."""
+    last bias update). Routers that have not run are left out. Padding tokens (``attention_mask == 0``) are
+    routed but not counted."""
     attribute = "accumulated_load" if accumulated else "last_load"
     loads = {}
     for name, router in routers(model).items():
@@ -144,6 +149,29 @@ class DeepseekV32BiasUpdateCallback(TrainerCallback):
             self.history.append((state.global_step + 1, used.summary()))
 
 
+def keep_experts_in_graph(model: nn.Module) -> list:
+    """Give every routed expert a (zero) gradient in every training step, for FSDP2 and DDP without
+    ``find_unused_parameters``.
+
+    An expert that receives no token in a step is not in the autograd graph, so its parameters get no gradient on
+    that rank. FSDP2 reduce-scatters a layer's gradients as one flat buffer, so ranks that disagree on which
+    parameters have gradients send buffers of different sizes and the collective fails or hangs. This adds
+    ``0 * w[0]`` for the first element of each trainable expert parameter to each MoE block's output in training
+    mode: the numbers are unchanged and every expert parameter gets a (zero) gradient. Returns the hook handles.
+    """
+    from .moe import DeepseekV32MoE
+
+    def hook(module, args, output):
+        if not (module.training and torch.is_grad_enabled()):
+            return output
+        firsts = [param.reshape(-1)[:1] for param in module.experts.parameters() if param.requires_grad]
+        if not firsts:
+            return output
+        return output + torch.cat(firsts).sum().to(output.dtype) * 0
+
+    return [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, DeepseekV32MoE)]
+
+
 _ATTENTION_PROJECTIONS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 _MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
@@ -197,6 +225,60 @@ def per_expert_lora():
         yield
     finally:
         conversion.convert_peft_config_for_transformers = original
+
+
+@contextlib.contextmanager
+def package_architectures():
+    """Make ``getattr(transformers, "DeepseekV32ForCausalLM")`` (and ``DeepseekV32Model``) return this package's
+    classes for the duration of the context.
+
+    TRL (``trl.trainer.utils.create_model_from_path``) builds models from a path by looking the name in
+    ``config.architectures`` up in the ``transformers`` namespace, not through ``AutoModelForCausalLM``. For a
+    DeepSeek-V3.2 checkpoint that finds transformers' *native* implementation (different MoE, indexer and cache, no
+    MTP), which loads the same tensor names without complaint. ``GRPOTrainer`` always builds its reference model this
+    way (and ``SFTTrainer``/``GRPOTrainer`` a policy given as a path), so without this context the KL penalty compares
+    against another model. Construct TRL trainers inside it::
+
+        with package_architectures():
+            trainer = GRPOTrainer(model=path, ...)
+    """
+    import transformers
+
+    from .modeling_deepseek_v32 import DeepseekV32ForCausalLM, DeepseekV32Model
+
+    ours = {"DeepseekV32ForCausalLM": DeepseekV32ForCausalLM, "DeepseekV32Model": DeepseekV32Model}
+    namespace = vars(transformers)
+    # The lazy module resolves names on first access and caches them in its __dict__: remember what was there.
+    saved = {name: namespace[name] for name in ours if name in namespace}
+    for name, cls in ours.items():
+        setattr(transformers, name, cls)
+    try:
+        yield
+    finally:
+        for name in ours:
+            if name in saved:
+                setattr(transformers, name, saved[name])
+            else:
+                delattr(transformers, name)
+
+
+# Linears whose weight the model reads directly instead of calling the module, so a packed 4-bit weight would break
+# them: `kv_b_proj` (the absorbed decode path and the sparse MLA kernel take W_UK/W_UV from its matrix) and the
+# indexer's `weights_proj` (an fp32 F.linear on its weight). Both are small; the routed experts, which hold almost
+# all parameters, are quantized. The output head stays unquantized as usual.
+QLORA_SKIP_MODULES = ["lm_head", "kv_b_proj", "weights_proj"]
+
+
+def qlora_config(**overrides):
+    """``transformers.BitsAndBytesConfig`` for QLoRA on DeepSeek-V3.2: NF4 with double quantization, bf16 compute,
+    and :data:`QLORA_SKIP_MODULES` left unquantized. Keyword arguments override any field."""
+    from transformers import BitsAndBytesConfig
+
+    fields = dict(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=list(QLORA_SKIP_MODULES),
+    )  # fmt: skip
+    return BitsAndBytesConfig(**{**fields, **overrides})
 
 
 def get_lora_model(model: nn.Module, lora_config, **kwargs):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from modeling_deepseek_v32.testing_utils import random_model, tiny_config
 
@@ -15,3 +16,12 @@ def tiny_model():
 @pytest.fixture
 def tiny_model_fp32_indexer():
     return random_model(tiny_config(index_fp8=False))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread, and a busy (CI) machine cannot stall them in OpenMP barriers."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -37,13 +37,6 @@ def _vary_block_scales(model, seed: int) -> None:
                 module.weight_scale_inv.mul_(torch.exp2(exponents.float()))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is fastest and keeps shared CI machines usable
-    yield
-    torch.set_num_threads(threads)
-
 
 def _tensors(directory, pattern="*.safetensors") -> dict[str, torch.Tensor]:
     out = {}

@@ -72,14 +72,6 @@ def _ids(seed: int) -> torch.Tensor:
     return torch.randint(0, 512, (1, 10), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models run fastest on one thread, and CI machines are often shared: avoid oversubscription.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_dequantized_checkpoint_is_exact_and_complete(fp8_dir, bf16_dir):
     source, result = _tensors(fp8_dir), _tensors(bf16_dir)

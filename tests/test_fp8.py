@@ -189,7 +189,8 @@ def test_fp8_block_matmul_chunked_equals_unchunked(monkeypatch):
     g = torch.randn(2, 5, 600, generator=_gen(15))
     fp8_block_matmul(xg, q, s).backward(g)
     wd = dequantize_weight_blockwise(q, s, dtype=torch.float32)
-    torch.testing.assert_close(xg.grad, g @ wd, rtol=1e-5, atol=1e-5)
+    # Summed over 600 outputs in a different order (chunks vs one GEMM): compare norms, not elements at 1e-5.
+    assert _rel(xg.grad, g @ wd) < 1e-6
 
 
 def test_fp8linear_meta_construction():

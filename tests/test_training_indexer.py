@@ -17,14 +17,6 @@ from modeling_deepseek_v32.indexer_training import (
 from modeling_deepseek_v32.testing_utils import random_model, relative_error, tiny_config
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and a busy machine cannot stall them in OpenMP barriers."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _ids(batch: int = 2, seq: int = 20, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 512, (batch, seq), generator=torch.Generator().manual_seed(seed))

@@ -24,14 +24,6 @@ from modeling_deepseek_v32.training import (
 peft = pytest.importorskip("peft")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and a busy machine cannot stall them in OpenMP barriers."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _lora_model(seed: int = 0, init: bool | str = True):
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=lora_target_modules(), init_lora_weights=init)

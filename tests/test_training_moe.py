@@ -17,14 +17,6 @@ from modeling_deepseek_v32.training import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and a busy machine cannot stall them in OpenMP barriers."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _ids(batch: int = 2, seq: int = 12, seed: int = 0, vocab: int = 512) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
@@ -225,3 +217,33 @@ def test_routing_stays_fp32_under_bf16_autocast():
         out = model(_ids(), labels=_ids())
     assert logits.dtype == weights.dtype == torch.float32
     assert out.aux_loss.dtype == torch.float32
+
+
+def test_padding_tokens_are_left_out_of_loads_balance_loss_and_bias_update():
+    """A left-padded batch counts exactly what its rows count when run alone without padding."""
+    config = tiny_config(moe_aux_loss_alpha=0.1, mtp_loss_weight=0.3)  # the MTP layer routes too
+    long, short = _ids(batch=1, seq=12, seed=3), _ids(batch=1, seq=7, seed=4)
+    alone = []
+    for row in (long, short):
+        model = random_model(config).train()
+        out = model(row, labels=row)
+        alone.append((routing_stats(model, accumulated=True).loads, out.aux_loss.item()))
+    model = random_model(config).train()
+    ids = torch.cat([long, torch.cat([torch.zeros(1, 5, dtype=torch.long), short], dim=1)])
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    out = model(ids, attention_mask=mask, labels=labels)
+    loads = routing_stats(model, accumulated=True).loads
+    assert len(loads) == config.num_hidden_layers - config.first_k_dense_replace + 1  # the MTP router ran too
+    for name, load in loads.items():
+        # Padding is routed to some experts; only the 12 + 7 real tokens (11 + 6 pairs in the MTP layer) count.
+        assert torch.equal(load, alone[0][0][name] + alone[1][0][name]), name
+    # The balance loss is a mean over sequences, each over its real tokens only.
+    assert out.aux_loss.item() == pytest.approx((alone[0][1] + alone[1][1]) / 2, rel=1e-5)
+    before = {name: router.e_score_correction_bias.clone() for name, router in routers(model).items()}
+    used = update_routing_bias(model, 0.05).loads
+    for name, router in routers(model).items():
+        expected = before[name] + 0.05 * torch.sign(used[name].mean() - used[name])
+        torch.testing.assert_close(router.e_score_correction_bias, expected)
+        assert torch.equal(used[name], loads[name])

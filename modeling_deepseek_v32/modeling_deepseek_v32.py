@@ -22,6 +22,7 @@ from .moe import DeepseekV32MoE, DeepseekV32TopkRouter
 from .moe_balancing import layer_mean
 from .mtp_generation import mtp_generate
 from .rope import DeepseekV32RotaryEmbedding, yarn_inverse_frequencies
+from .static_decode import DeepseekV32StaticCache, static_forward
 from .weights import check_loading_info
 
 logger = logging.get_logger(__name__)
@@ -224,6 +225,9 @@ class DeepseekV32Model(DeepseekV32PreTrainedModel):
             use_cache = False
         if use_cache and past_key_values is None:
             past_key_values = DeepseekV32Cache(self.config, num_layers=len(self.layers))
+        if isinstance(past_key_values, DeepseekV32StaticCache):  # fixed shapes, CUDA-graph decode (static_decode.py)
+            return static_forward(self, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
+                                  output_hidden_states)  # fmt: skip
         if past_key_values is not None and not isinstance(past_key_values, DeepseekV32Cache):
             raise TypeError(
                 f"DeepSeek-V3.2 caches latents and indexer keys in a `DeepseekV32Cache`, got {type(past_key_values).__name__}"
@@ -440,6 +444,9 @@ class DeepseekV32ForCausalLM(DeepseekV32PreTrainedModel, GenerationMixin):
                 inputs, generation_config=generation_config, logits_processor=logits_processor,
                 stopping_criteria=stopping_criteria, streamer=streamer, **kwargs,
             )  # fmt: skip
+        if getattr(base_config, "cache_implementation", None) == "static" or kwargs.get("cache_implementation") == "static":
+            logger.warning_once("use_mtp=True decodes with the dynamic cache; cache_implementation='static' is ignored")
+            kwargs.pop("cache_implementation", None)
         if num_mtp_draft_tokens is None:
             num_mtp_draft_tokens = getattr(base_config, "num_mtp_draft_tokens", None) or 1
         config, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
@@ -469,10 +476,16 @@ class DeepseekV32ForCausalLM(DeepseekV32PreTrainedModel, GenerationMixin):
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
         """Give ``generate`` a ``DeepseekV32Cache``: transformers' own caches cannot hold latents + indexer keys."""
         if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
+            if generation_config.cache_implementation == "static":
+                # Fixed-capacity latent cache with CUDA-graph decode steps: greedy search and sampling only.
+                if generation_mode not in ("greedy_search", "sample"):
+                    raise ValueError(f"cache_implementation='static' supports greedy search and sampling, not {generation_mode}")
+                model_kwargs["past_key_values"] = DeepseekV32StaticCache(self, batch_size, max_cache_length + 1)
+                return
             if generation_config.cache_implementation not in (None, "dynamic"):
                 raise ValueError(
                     f"cache_implementation={generation_config.cache_implementation!r} is not supported: DeepSeek-V3.2 "
-                    "uses its own latent cache (DeepseekV32Cache)"
+                    "uses its own latent cache (DeepseekV32Cache) or 'static' (DeepseekV32StaticCache)"
                 )
             model_kwargs["past_key_values"] = DeepseekV32Cache(self.config, num_layers=len(self.model.layers))
             return

@@ -66,11 +66,19 @@ class DeepseekV32Config(PretrainedConfig):
     model_type = "deepseek_v32"
     keys_to_ignore_at_inference = ["past_key_values"]
     attribute_map = {"num_local_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers"}
-    # Tensor parallelism (`from_pretrained(tp_plan="auto")`): the dense MLP and the shared experts split colwise/
-    # rowwise (one all-reduce each). Attention stays replicated: the attention module reshapes with the full head
-    # count and its absorbed path reads kv_b_proj's whole matrix, and the latent projections and the indexer are
-    # shared by all heads. Routed experts stay replicated too. examples/tp_inference_check.py compares logits.
+    # Tensor parallelism (`from_pretrained(tp_plan="auto")`). Attention splits by heads: the per-head projections
+    # (q_b_proj, or q_proj without a query LoRA, and kv_b_proj) colwise, o_proj rowwise (one all-reduce); the
+    # attention module takes its head count from their local outputs and its absorbed path reads kv_b_proj's local
+    # shard. The latent projections (q_a_proj, kv_a_proj_with_mqa), their norms and the indexer stay replicated: all
+    # heads share them, and the indexer's weighted sum over its heads needs every head. num_attention_heads must
+    # divide by the TP size. The dense MLP and the shared experts split colwise/rowwise (one all-reduce each).
+    # Routed experts stay replicated: transformers' expert-parallel styles shard fused 3-D expert tensors, not a
+    # list of per-expert nn.Linear modules. examples/tp_inference_check.py compares logits with one device.
     base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.q_b_proj": "colwise",
+        "layers.*.self_attn.kv_b_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
         "layers.*.mlp.gate_proj": "colwise",
         "layers.*.mlp.up_proj": "colwise",
         "layers.*.mlp.down_proj": "rowwise",

@@ -15,6 +15,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed: nothing can be sharded, and isinstance(x, ()) is False
+    DTensor = ()
+
 from . import kernels as _kernels
 from .configuration import DeepseekV32Config
 from .fp8 import FP8Linear
@@ -78,7 +83,10 @@ class DeepseekV32Attention(nn.Module):
         else:
             q_latent = self.q_a_layernorm(self.q_a_proj(hidden_states))
             q = self.q_b_proj(q_latent)
-        q = q.view(batch, seq, self.num_heads, self.qk_head_dim)
+        # Under tensor parallelism (`tp_plan="auto"`) q_b_proj/q_proj and kv_b_proj are split by heads and return
+        # this rank's heads only, so every head count below comes from the tensors, not from the config.
+        heads = self._local_heads(q.shape[-1])
+        q = q.view(batch, seq, heads, self.qk_head_dim)
         q_nope, q_rope = q.split((self.nope_dim, self.rope_dim), dim=-1)
         q_rope = apply_rope_interleaved(q_rope, cos, sin)
 
@@ -100,6 +108,11 @@ class DeepseekV32Attention(nn.Module):
         attended = None if stage == "dense_warmup" else selection  # warm-up: main attention stays dense
         output = attend(q_nope, q_rope, latent, k_rope, attended, past_len, key_valid)
         self._head_prob_sink = None
+        if sink is not None and heads != self.num_heads:
+            # The indexer's KL target sums probabilities over all heads: add the other ranks' heads (no gradient).
+            group = _tp_group(self.o_proj.weight)
+            for probs in sink:
+                torch.distributed.all_reduce(probs, group=group)
         if sink is not None:
             record_indexer_loss(self, hidden_states, q_latent, cos, sin, key_valid, selection, sink, stage)
         return self.o_proj(output.flatten(2).to(hidden_states.dtype))
@@ -112,9 +125,12 @@ class DeepseekV32Attention(nn.Module):
             if isinstance(self.kv_b_proj, FP8Linear):  # as kv_b_proj's input, the latent is quantized to FP8
                 latent = _kernels.fp8_round_trip(latent)
             return self._absorbed(q_nope, q_rope, latent, k_rope, selection, past_len, key_valid)
-        kv = self.kv_b_proj(latent).view(*latent.shape[:2], self.num_heads, self.nope_dim + self.v_head_dim)
+        heads = q_nope.shape[2]
+        kv = self.kv_b_proj(latent)
+        self._check_kv_b_heads(kv.shape[-1], heads)
+        kv = kv.view(*latent.shape[:2], heads, self.nope_dim + self.v_head_dim)
         k_nope, values = kv.split((self.nope_dim, self.v_head_dim), dim=-1)
-        keys = torch.cat((k_nope, k_rope[:, :, None].expand(-1, -1, self.num_heads, -1)), dim=-1)
+        keys = torch.cat((k_nope, k_rope[:, :, None].expand(-1, -1, heads, -1)), dim=-1)
         queries = torch.cat((q_nope, q_rope), dim=-1)
 
         def chunk_terms(start: int, stop: int, indices: torch.Tensor | None):
@@ -126,11 +142,12 @@ class DeepseekV32Attention(nn.Module):
 
         width = latent.shape[1] if selection is None else selection.indices.shape[-1]
         gathered = 0 if selection is None else (self.qk_head_dim + self.v_head_dim)
-        return self._attend(chunk_terms, queries.shape[1], width * self.num_heads * (1 + gathered), selection,
+        return self._attend(chunk_terms, queries.shape[1], width * heads * (1 + gathered), selection,
                             past_len, key_valid, latent.shape[1])  # fmt: skip
 
     def _absorbed(self, q_nope, q_rope, latent, k_rope, selection, past_len, key_valid) -> torch.Tensor:
         w_uk, w_uv = self._absorb_weights(latent.dtype)
+        self._check_kv_b_heads(w_uk.shape[0] * (self.nope_dim + self.v_head_dim), q_nope.shape[2])
         q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)
         out_latent = None
         if self._head_prob_sink is None:  # indexer training reads `_attend`'s probabilities
@@ -149,7 +166,7 @@ class DeepseekV32Attention(nn.Module):
 
         width = latent.shape[1] if selection is None else selection.indices.shape[-1]
         gathered = 0 if selection is None else self.kv_lora_rank + self.rope_dim
-        out_latent = self._attend(chunk_terms, q_latent.shape[1], width * (self.num_heads + gathered), selection,
+        out_latent = self._attend(chunk_terms, q_latent.shape[1], width * (q_latent.shape[2] + gathered), selection,
                                   past_len, key_valid, latent.shape[1])  # fmt: skip
         return torch.einsum("bshc,hvc->bshv", out_latent, w_uv)
 
@@ -175,7 +192,8 @@ class DeepseekV32Attention(nn.Module):
         return torch.cat(outputs, dim=1)
 
     def _absorb_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """W_UK [H, nope, C] and W_UV [H, v, C] from ``kv_b_proj`` (dequantized once for FP8 at inference)."""
+        """W_UK [H, nope, C] and W_UV [H, v, C] from ``kv_b_proj`` (dequantized once for FP8 at inference); under
+        tensor parallelism only this rank's heads, the rows of its shard of ``kv_b_proj``."""
         if isinstance(self.kv_b_proj, FP8Linear):
             if self._absorb_weight_cache is None or self._absorb_weight_cache[0].device != self.kv_b_proj.weight.device:
                 weight = self.kv_b_proj.dequantize_weight(dtype)
@@ -184,21 +202,56 @@ class DeepseekV32Attention(nn.Module):
         return self._split_kv_b(_applied_weight(self.kv_b_proj).to(dtype))
 
     def _split_kv_b(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        weight = weight.view(self.num_heads, self.nope_dim + self.v_head_dim, self.kv_lora_rank)
+        weight = weight.view(-1, self.nope_dim + self.v_head_dim, self.kv_lora_rank)
         return weight[:, : self.nope_dim], weight[:, self.nope_dim :]
+
+    def _local_heads(self, q_width: int) -> int:
+        """Heads in a query projection output ``q_width`` wide: all of them, or this rank's share under TP."""
+        heads, rest = divmod(q_width, self.qk_head_dim)
+        if rest or not 0 < heads <= self.num_heads:
+            raise ValueError(
+                f"the query projection gave {q_width} features, not a whole number of heads of {self.qk_head_dim}: "
+                f"with tensor parallelism, num_attention_heads ({self.num_heads}) must divide by the TP size"
+            )
+        return heads
+
+    def _check_kv_b_heads(self, kv_width: int, heads: int) -> None:
+        # A colwise kv_b_proj whose rows do not split at head boundaries would silently mix heads.
+        if kv_width != heads * (self.nope_dim + self.v_head_dim):
+            raise ValueError(
+                f"kv_b_proj holds {kv_width} output features but the queries have {heads} heads of "
+                f"{self.nope_dim}+{self.v_head_dim}: q_b_proj/q_proj and kv_b_proj must be split by heads alike"
+            )
 
 
 def _applied_weight(linear: nn.Module) -> torch.Tensor:
     """The matrix a linear module applies, unmerged PEFT LoRA deltas included: the absorbed path reads the weight
     instead of calling the module, so it would otherwise decode without the adapters that prefill used."""
     weight = linear.weight
+    if isinstance(weight, DTensor):
+        # Tensor parallelism (transformers 5.17 and 5.23 both hold sharded weights as DTensors): kv_b_proj is split
+        # colwise by heads, so the local shard is this rank's heads' W_UK/W_UV, which the local queries need.
+        weight = weight.to_local()
     delta = getattr(linear, "get_delta_weight", None)
     if delta is None or getattr(linear, "merged", False) or getattr(linear, "disable_adapters", False):
         return weight
     for adapter in linear.active_adapters:
         if adapter in getattr(linear, "lora_A", {}):
-            weight = weight + delta(adapter)
+            update = delta(adapter)
+            if update.shape != weight.shape:
+                raise NotImplementedError(
+                    f"LoRA adapter {adapter!r} on a tensor-parallel kv_b_proj: its update {tuple(update.shape)} does "
+                    f"not match the local weight {tuple(weight.shape)}; merge the adapter before sharding"
+                )
+            weight = weight + update
     return weight
+
+
+def _tp_group(weight: torch.Tensor):
+    """The process group a tensor-parallel weight is sharded over (its DTensor mesh)."""
+    if not isinstance(weight, DTensor):
+        raise RuntimeError("attention heads are split but o_proj's weight is no DTensor: cannot find the TP group")
+    return weight.device_mesh.get_group()
 
 
 def _gather_tokens(tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

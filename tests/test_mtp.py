@@ -38,29 +38,53 @@ def test_greedy_mtp_equals_plain_greedy_for_a_padded_batch(model, num_drafts):
     assert len(out.mtp_acceptance) == num_drafts and out.tokens_per_forward >= 1.0
 
 
+def _oracle_drafts(reference, lengths, num_draft, wrong_rows, wrong_after):
+    """The reference continuation after each row's current length, except that rows in ``wrong_rows`` get a wrong
+    token at draft position ``wrong_after``: ragged acceptance across the batch."""
+    drafts = []
+    for b, start in enumerate(lengths):
+        tokens = reference[b, start : start + num_draft].tolist()
+        tokens += [1] * (num_draft - len(tokens))
+        if b in wrong_rows and wrong_after < num_draft:
+            tokens[wrong_after] = (tokens[wrong_after] + 1) % 512
+        drafts.append(tokens)
+    return torch.tensor(drafts)
+
+
 def _oracle_drafter(reference, prompt_len, wrong_rows, wrong_after):
-    """A stand-in for the MTP drafter that proposes the reference continuation, except that rows in
-    ``wrong_rows`` get a wrong token at draft position ``wrong_after``: ragged acceptance across the batch."""
+    """A stand-in for the per-row path's MTP drafter ``_draft`` that proposes ``_oracle_drafts``."""
 
     def draft(model, sampler, rows, hidden, next_ids, positions, mtp_mask, mtp_cache, last_index, num_draft):
-        drafts = []
-        for b, row in enumerate(rows):
-            start = len(row)
-            tokens = reference[b, start : start + num_draft].tolist()
-            tokens += [1] * (num_draft - len(tokens))
-            if b in wrong_rows and wrong_after < num_draft:
-                tokens[wrong_after] = (tokens[wrong_after] + 1) % 512
-            drafts.append(tokens)
-        return torch.tensor(drafts), None, mtp_mask
+        lengths = [len(row) for row in rows]
+        return _oracle_drafts(reference, lengths, num_draft, wrong_rows, wrong_after), None, mtp_mask
 
     return draft
 
 
-def test_ragged_acceptance_rolls_back_rejected_drafts(model, monkeypatch):
+def _oracle_greedy_drafter(reference, wrong_rows, wrong_after):
+    """The same stand-in for the batched greedy path's ``_draft_greedy``."""
+
+    def draft(model, rules, lengths, hidden, next_ids, positions, mtp_mask, mtp_cache, last_index, num_draft, valid):
+        return _oracle_drafts(reference, lengths.tolist(), num_draft, wrong_rows, wrong_after).to(lengths.device)
+
+    return draft
+
+
+def _use_oracle(monkeypatch, path, reference, wrong_rows, wrong_after):
+    if path == "per_row":
+        # Disable the batched greedy path so that the general per-row path runs.
+        monkeypatch.setattr(mtp_generation._GreedyRules, "build", classmethod(lambda cls, *args: None))
+        monkeypatch.setattr(mtp_generation, "_draft", _oracle_drafter(reference, 9, wrong_rows, wrong_after))
+    else:
+        monkeypatch.setattr(mtp_generation, "_draft_greedy", _oracle_greedy_drafter(reference, wrong_rows, wrong_after))
+
+
+@pytest.mark.parametrize("path", ["per_row", "batched"])
+def test_ragged_acceptance_rolls_back_rejected_drafts(model, monkeypatch, path):
     input_ids, mask = _left_padded_batch()
     kwargs = dict(attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0)
     plain = model.generate(input_ids, **kwargs)
-    monkeypatch.setattr(mtp_generation, "_draft", _oracle_drafter(plain, 9, wrong_rows={1, 2}, wrong_after=1))
+    _use_oracle(monkeypatch, path, plain, wrong_rows={1, 2}, wrong_after=1)
     out = model.generate(input_ids, use_mtp=True, num_mtp_draft_tokens=3, return_dict_in_generate=True, **kwargs)
     assert torch.equal(out.sequences, plain)
     # Row 0 accepts all three drafts, rows 1 and 2 only the first (row 0 finishes first, so later positions are
@@ -68,6 +92,63 @@ def test_ragged_acceptance_rolls_back_rejected_drafts(model, monkeypatch):
     assert out.mtp_acceptance[0] == pytest.approx(1.0)
     assert 0 < out.mtp_acceptance[1] <= 1 / 3 and out.mtp_acceptance[2] == out.mtp_acceptance[1]
     assert out.tokens_per_forward > 1.5
+
+
+def _generate_both_paths(model, monkeypatch, input_ids, **kwargs):
+    """``generate(use_mtp=True)`` through the batched greedy path and through the per-row path."""
+    batched = model.generate(input_ids, use_mtp=True, return_dict_in_generate=True, **kwargs)
+    with monkeypatch.context() as patch:
+        patch.setattr(mtp_generation._GreedyRules, "build", classmethod(lambda cls, *args: None))
+        per_row = model.generate(input_ids, use_mtp=True, return_dict_in_generate=True, **kwargs)
+    return batched, per_row
+
+
+@pytest.mark.parametrize("drafter", ["mtp", "oracle"])
+@pytest.mark.parametrize("num_drafts", [1, 2, 3])
+def test_batched_greedy_path_matches_per_row_path_and_plain_greedy(model, monkeypatch, num_drafts, drafter):
+    """Left padding, min_new_tokens banning an EOS the model wants early, and EOS ending rows at different steps;
+    drafts from the (random, so mostly rejected) MTP head or from an oracle that is wrong for row 2 only (ragged
+    acceptance): tokens, acceptance counts and forward counts agree with the per-row path, tokens with plain greedy."""
+    input_ids, mask = _left_padded_batch()
+    # 87 is row 1's fourth token without constraints (banned by min_new_tokens=6), 490 row 0's eighth (ends it).
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, min_new_tokens=6, do_sample=False, pad_token_id=0,
+                  eos_token_id=[87, 490])  # fmt: skip
+    reference = model.generate(input_ids, **kwargs)
+    assert (reference[0, 9:] == 0).any() and not (reference[2, 9:] == 0).any()  # row 0 stops early, row 2 does not
+    if drafter == "oracle":
+        monkeypatch.setattr(mtp_generation, "_draft", _oracle_drafter(reference, 9, {2}, num_drafts - 1))
+        monkeypatch.setattr(mtp_generation, "_draft_greedy", _oracle_greedy_drafter(reference, {2}, num_drafts - 1))
+    batched, per_row = _generate_both_paths(model, monkeypatch, input_ids, num_mtp_draft_tokens=num_drafts, **kwargs)
+    assert torch.equal(batched.sequences, reference) and torch.equal(per_row.sequences, reference)
+    assert batched.mtp_counts == per_row.mtp_counts
+    assert batched.mtp_acceptance == per_row.mtp_acceptance
+    assert batched.tokens_per_forward == per_row.tokens_per_forward
+    if drafter == "oracle":
+        assert 0.0 < batched.mtp_acceptance[-1] < 1.0  # ragged: rows 0 and 1 accept, row 2 rejects
+
+
+@pytest.mark.parametrize("min_new", [0, 6])
+def test_batched_greedy_path_stops_at_eos_inside_accepted_drafts(model, monkeypatch, min_new):
+    """The oracle drafter makes every draft right, so EOS arrives in the middle of a step's accepted tokens: the row
+    ends there (and, under min_new_tokens, EOS is banned until then and must not be drafted into the output)."""
+    input_ids, mask = _left_padded_batch()
+    probe = model.generate(input_ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    eos = int(probe[1, 9 + 3])
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, min_new_tokens=min_new, do_sample=False, pad_token_id=0,
+                  eos_token_id=eos)  # fmt: skip
+    reference = model.generate(input_ids, **kwargs)
+    _use_oracle(monkeypatch, "batched", reference, wrong_rows=set(), wrong_after=0)
+    out = model.generate(input_ids, use_mtp=True, num_mtp_draft_tokens=3, return_dict_in_generate=True, **kwargs)
+    assert torch.equal(out.sequences, reference)
+    assert out.mtp_acceptance[0] == pytest.approx(1.0)
+
+
+def test_unsupported_processor_falls_back_to_the_per_row_path(model):
+    """A logits processor without a batched equivalent (repetition penalty reads the prefix's tokens) keeps greedy
+    MTP exact through the per-row path."""
+    input_ids, mask = _left_padded_batch()
+    kwargs = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0, repetition_penalty=1.3)
+    assert torch.equal(model.generate(input_ids, use_mtp=True, **kwargs), model.generate(input_ids, **kwargs))
 
 
 def test_mtp_respects_eos_and_streams(model):

@@ -62,6 +62,27 @@ def _unknown(name: str, fmt: str) -> CheckpointError:
     return CheckpointError(f"tensor {name!r} has no counterpart in the {fmt} format (only the main decoder layers, embedding, norm and head are part of DeepSeek's demo format)")
 
 
+def _map_segments(segments: list[str], containers: dict, modules: dict, name: str, target: str) -> list[str]:
+    """Module path below ``layers.N`` in the other format. Inside the indexer, its children keep their names even
+    where they collide with a main-attention rename (its ``wq_b`` is not the attention's ``q_b_proj``)."""
+    out, in_indexer = [], False
+    for segment in segments:
+        if segment in containers:
+            out.append(containers[segment])
+        elif segment == "indexer":
+            in_indexer = True
+            out.append(segment)
+        elif in_indexer and segment in _INDEXER_CHILDREN:
+            out.append(segment)
+        elif segment in modules:
+            out.append(modules[segment])
+        elif segment in _KEPT - _INDEXER_CHILDREN or segment.isdigit():
+            out.append(segment)
+        else:
+            raise _unknown(name, target)
+    return out
+
+
 def hf_to_demo_name(name: str) -> str:
     """``model.layers.3.mlp.experts.7.gate_proj.weight_scale_inv`` -> ``layers.3.ffn.experts.7.w1.scale``."""
     *path, param = name.split(".")
@@ -72,22 +93,7 @@ def hf_to_demo_name(name: str) -> str:
         return f"{_HF_TOP[module]}.{param}"
     if layer_index(name) is None or param not in _PARAMS:
         raise _unknown(name, "demo")
-    out = ["layers", path[2]]
-    in_indexer = False
-    for segment in path[3:]:
-        if segment in _HF_CONTAINERS:
-            out.append(_HF_CONTAINERS[segment])
-        elif segment == "indexer":
-            in_indexer = True
-            out.append(segment)
-        elif in_indexer and segment in _INDEXER_CHILDREN:
-            out.append(segment)
-        elif segment in HF_TO_DEMO_MODULE:
-            out.append(HF_TO_DEMO_MODULE[segment])
-        elif segment in _KEPT - _INDEXER_CHILDREN or segment.isdigit():
-            out.append(segment)
-        else:
-            raise _unknown(name, "demo")
+    out = ["layers", path[2], *_map_segments(path[3:], _HF_CONTAINERS, HF_TO_DEMO_MODULE, name, "demo")]
     if param == "weight_scale_inv":
         param = "scale"
     elif param == "e_score_correction_bias":
@@ -105,22 +111,8 @@ def demo_to_hf_name(name: str) -> str:
         return f"{_DEMO_TOP[module]}.{param}"
     if len(path) < 3 or path[0] != "layers" or not path[1].isdigit() or param not in ("weight", "bias", "scale"):
         raise _unknown(name, "Hugging Face")
-    out = ["model", "layers", path[1]]
-    in_indexer = False
-    for segment in path[2:]:
-        if segment in _DEMO_CONTAINERS:
-            out.append(_DEMO_CONTAINERS[segment])
-        elif segment == "indexer":
-            in_indexer = True
-            out.append(segment)
-        elif in_indexer and segment in _INDEXER_CHILDREN:
-            out.append(segment)
-        elif segment in _DEMO_TO_HF_MODULE:
-            out.append(_DEMO_TO_HF_MODULE[segment])
-        elif segment in _KEPT - _INDEXER_CHILDREN or segment.isdigit():
-            out.append(segment)
-        else:
-            raise _unknown(name, "Hugging Face")
+    below = _map_segments(path[2:], _DEMO_CONTAINERS, _DEMO_TO_HF_MODULE, name, "Hugging Face")
+    out = ["model", "layers", path[1], *below]
     if param == "scale":
         param = "weight_scale_inv"
     elif param == "bias" and path[-1] == "gate":

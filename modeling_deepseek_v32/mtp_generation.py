@@ -151,17 +151,8 @@ def mtp_generate(
     sequences = torch.full((batch, prompt_len + new_len), pad, dtype=input_ids.dtype, device=device)
     for b, row in enumerate(rows):
         sequences[b, : len(row)] = row
-    acceptance = [a / p if p else 0.0 for a, p in zip(accepted, proposed)]
     generated = sum(len(row) - prompt_len for row in rows)
-    per_forward = generated / max(1, forwards * batch)
-    logger.debug(f"MTP acceptance per draft position {acceptance}, {per_forward:.2f} tokens per main forward")
-    return sequences, cache, MTPGenerateOutput(
-        sequences=sequences,
-        past_key_values=cache,
-        mtp_acceptance=acceptance,
-        tokens_per_forward=per_forward,
-        mtp_counts={"proposed": proposed, "accepted": accepted, "main_forwards": forwards},
-    )
+    return _finish(sequences, cache, proposed, accepted, generated, forwards, batch)
 
 
 def _draft(model, sampler, rows, hidden, next_ids, positions, mtp_mask, mtp_cache, last_index, num_draft_tokens):
@@ -399,8 +390,13 @@ def _greedy_generate(model, input_ids, mask, rules, pad, max_new, num_draft_toke
         streamer.end()
     lengths = seqs.lengths.tolist()
     sequences = seqs.tokens[:, : max(lengths)].clone()
+    return _finish(sequences, cache, proposed, accepted, sum(lengths) - batch * prompt_len, forwards, batch)
+
+
+def _finish(sequences, cache, proposed, accepted, generated: int, forwards: int, batch: int):
+    """The ``(sequences, cache, output)`` both decoding loops return, with the acceptance statistics."""
     acceptance = [a / p if p else 0.0 for a, p in zip(accepted, proposed)]
-    per_forward = (sum(lengths) - batch * prompt_len) / max(1, forwards * batch)
+    per_forward = generated / max(1, forwards * batch)
     logger.debug(f"MTP acceptance per draft position {acceptance}, {per_forward:.2f} tokens per main forward")
     return sequences, cache, MTPGenerateOutput(
         sequences=sequences,

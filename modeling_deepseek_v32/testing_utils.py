@@ -32,3 +32,16 @@ def random_model(config: DeepseekV32Config, seed: int = 0) -> DeepseekV32ForCaus
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
+
+
+class IndexKeyCache:
+    """The one method of ``DeepseekV32Cache`` the indexer uses, for indexer decode tests without a whole model."""
+
+    def __init__(self):
+        self.k = self.scale = None
+
+    def update_index_keys(self, k, scale, layer_idx):
+        self.k = k if self.k is None else torch.cat((self.k, k), 1)
+        if scale is not None:
+            self.scale = scale if self.scale is None else torch.cat((self.scale, scale), 1)
+        return self.k, self.scale

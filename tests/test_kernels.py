@@ -23,7 +23,7 @@ from modeling_deepseek_v32.attention import DeepseekV32Attention  # noqa: E402
 from modeling_deepseek_v32.fp8 import FP8Linear, quantize_blockwise_1d  # noqa: E402
 from modeling_deepseek_v32.indexer import DeepseekV32Indexer, IndexSelection  # noqa: E402
 from modeling_deepseek_v32.rope import DeepseekV32RotaryEmbedding  # noqa: E402
-from modeling_deepseek_v32.testing_utils import random_model, relative_error, tiny_config  # noqa: E402
+from modeling_deepseek_v32.testing_utils import IndexKeyCache, random_model, relative_error, tiny_config  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -165,19 +165,6 @@ def _indexer_case(index_fp8, dtype, batch=2, seq=24, n_heads=4, topk=8, seed=0):
     return indexer, hidden, q_latent, cos, sin
 
 
-class _KeyCache:
-    """The two methods of DeepseekV32Cache the indexer uses, for a decode test without a whole model."""
-
-    def __init__(self):
-        self.k = self.scale = None
-
-    def update_index_keys(self, k, scale, layer_idx):
-        self.k = k if self.k is None else torch.cat((self.k, k), 1)
-        if scale is not None:
-            self.scale = scale if self.scale is None else torch.cat((self.scale, scale), 1)
-        return self.k, self.scale
-
-
 @pytest.mark.parametrize("index_fp8", [True, False])
 @pytest.mark.parametrize("padded", [False, True])
 def test_indexer_matches_twin_exactly(use_kernels, index_fp8, padded):
@@ -191,7 +178,7 @@ def test_indexer_matches_twin_exactly(use_kernels, index_fp8, padded):
     prompt = 17
 
     def run():
-        cache = _KeyCache()
+        cache = IndexKeyCache()
         out = [indexer(hidden[:, :prompt], q_latent[:, :prompt], cos[:, :prompt], sin[:, :prompt], 0,
                        None if key_valid is None else key_valid[:, :prompt], cache)]  # fmt: skip
         for t in range(prompt, seq):

@@ -21,7 +21,7 @@ from modeling_deepseek_v32.attention import DeepseekV32Attention  # noqa: E402
 from modeling_deepseek_v32.fp8 import FP8Linear  # noqa: E402
 from modeling_deepseek_v32.indexer import DeepseekV32Indexer, IndexSelection  # noqa: E402
 from modeling_deepseek_v32.rope import DeepseekV32RotaryEmbedding  # noqa: E402
-from modeling_deepseek_v32.testing_utils import random_model, relative_error  # noqa: E402
+from modeling_deepseek_v32.testing_utils import IndexKeyCache, random_model, relative_error  # noqa: E402
 
 
 @pytest.fixture
@@ -93,17 +93,6 @@ def _indexer_scores(indexer, hidden, q_latent, cos, sin, keys, key_scale):
     return torch.einsum("bsh,bsht->bst", weights, torch.einsum("bshd,btd->bsht", queries, keys).relu())
 
 
-class _KeyCache:
-    def __init__(self):
-        self.k = self.scale = None
-
-    def update_index_keys(self, k, scale, layer_idx):
-        self.k = k if self.k is None else torch.cat((self.k, k), 1)
-        if scale is not None:
-            self.scale = scale if self.scale is None else torch.cat((self.scale, scale), 1)
-        return self.k, self.scale
-
-
 @pytest.mark.parametrize("index_fp8", [True, False])
 @pytest.mark.parametrize("past_len,seq", [(7680, 512), (32767, 1)])
 def test_indexer_bench_shapes(kernel_switch, index_fp8, past_len, seq):
@@ -116,7 +105,7 @@ def test_indexer_bench_shapes(kernel_switch, index_fp8, past_len, seq):
     hidden = _randn(batch, total, config.hidden_size, seed=5)
     q_latent = _randn(batch, total, config.q_lora_rank, seed=6)
     cos, sin = rotary(torch.arange(total, device="cuda")[None])
-    cache = _KeyCache()
+    cache = IndexKeyCache()
     kernel_switch(True)
     with torch.no_grad():
         indexer(hidden[:, :past_len], q_latent[:, :past_len], cos[:, :past_len], sin[:, :past_len], 0, None, cache)

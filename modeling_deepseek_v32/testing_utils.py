@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from safetensors.torch import load_file
 
 from .configuration import DeepseekV32Config
 from .modeling_deepseek_v32 import DeepseekV32ForCausalLM
@@ -45,3 +48,16 @@ class IndexKeyCache:
         if scale is not None:
             self.scale = scale if self.scale is None else torch.cat((self.scale, scale), 1)
         return self.k, self.scale
+
+
+def directory_tensors(directory: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the ``*.safetensors`` files in ``directory``, read with safetensors alone (not our loader)."""
+    tensors = {}
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        tensors.update(load_file(path))
+    return tensors
+
+
+def tensor_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """The raw bytes of ``tensor``: equality of these is bit-exactness, also for FP8 and NaN payloads."""
+    return tensor.reshape(-1).view(torch.uint8)

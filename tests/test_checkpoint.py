@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from modeling_deepseek_v32 import DeepseekV32Config, DeepseekV32ForCausalLM, DeepseekV32Model
 from modeling_deepseek_v32 import fp8 as fp8_module
 from modeling_deepseek_v32.fp8 import FP8Linear, dequantize_weight_blockwise
-from modeling_deepseek_v32.testing_utils import random_model, relative_error, tiny_config
+from modeling_deepseek_v32.testing_utils import directory_tensors, random_model, relative_error, tiny_config
 
 OFFICIAL_NAMES = [
     "model.embed_tokens.weight",
@@ -44,12 +44,6 @@ def _ids(shape, seed):
     return torch.randint(0, 512, shape, generator=torch.Generator().manual_seed(seed))
 
 
-def _saved_tensors(directory) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for path in sorted(directory.glob("*.safetensors")):
-        tensors.update(load_file(path))
-    return tensors
-
 
 def _rewrite(directory, edit) -> None:
     """Apply ``edit(dict)`` to the tensors of a single-file checkpoint."""
@@ -61,7 +55,7 @@ def _rewrite(directory, edit) -> None:
 
 def test_round_trip_keeps_tensors_and_official_names(tmp_path, tiny_model):
     tiny_model.save_pretrained(tmp_path)
-    saved = _saved_tensors(tmp_path)
+    saved = directory_tensors(tmp_path)
     for name in OFFICIAL_NAMES:
         assert name in saved, name
     assert not any("rotary" in name or "inv_freq" in name for name in saved)
@@ -121,7 +115,7 @@ def fp8_checkpoint(tmp_path_factory):
 
 def _dequantized_twin(directory) -> DeepseekV32ForCausalLM:
     """The same checkpoint with every FP8 weight dequantized into a full-precision model."""
-    tensors = _saved_tensors(directory)
+    tensors = directory_tensors(directory)
     dense = {}
     for name, tensor in tensors.items():
         if name.endswith("weight_scale_inv"):
@@ -137,7 +131,7 @@ def _dequantized_twin(directory) -> DeepseekV32ForCausalLM:
 
 
 def test_fp8_checkpoint_has_official_layout(fp8_checkpoint):
-    tensors = _saved_tensors(fp8_checkpoint)
+    tensors = directory_tensors(fp8_checkpoint)
     config = json.loads((fp8_checkpoint / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "fp8"
     kv_a = "model.layers.1.self_attn.kv_a_proj_with_mqa.weight"
@@ -183,7 +177,7 @@ def test_fp8_weights_load_exactly(fp8_checkpoint, monkeypatch):
 def test_fp8_save_writes_back_identical_bytes(fp8_checkpoint, tmp_path):
     model = DeepseekV32ForCausalLM.from_pretrained(fp8_checkpoint)
     model.save_pretrained(tmp_path)
-    before, after = _saved_tensors(fp8_checkpoint), _saved_tensors(tmp_path)
+    before, after = directory_tensors(fp8_checkpoint), directory_tensors(tmp_path)
     assert set(before) == set(after)
     for name, tensor in before.items():
         assert after[name].dtype == tensor.dtype, name
@@ -228,6 +222,6 @@ def test_mis_shaped_tensor_is_a_clear_error(tmp_path, tiny_model):
 def test_checkpoint_without_mtp_loads_into_config_without_mtp(tmp_path):
     model = random_model(tiny_config(num_nextn_predict_layers=0), seed=8)
     model.save_pretrained(tmp_path)
-    assert not any(name.startswith("model.layers.3.") for name in _saved_tensors(tmp_path))
+    assert not any(name.startswith("model.layers.3.") for name in directory_tensors(tmp_path))
     reloaded = DeepseekV32ForCausalLM.from_pretrained(tmp_path)
     assert len(reloaded.model.layers) == 3

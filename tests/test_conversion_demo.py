@@ -15,7 +15,7 @@ from modeling_deepseek_v32.conversion.demo_format import from_demo, to_demo
 from modeling_deepseek_v32.conversion.demo_names import demo_to_hf_name, hf_to_demo_name, layer_index, split_rule
 from modeling_deepseek_v32.conversion.shards import CheckpointError
 from modeling_deepseek_v32.fp8 import FP8Linear
-from modeling_deepseek_v32.testing_utils import random_model, relative_error, tiny_config
+from modeling_deepseek_v32.testing_utils import directory_tensors, random_model, relative_error, tensor_bytes, tiny_config
 
 QUANT = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128], "scale_fmt": "ue8m0"}
 # Every tensor-parallel split of this config falls on 128-block boundaries for mp=2 (q_b and kv_b rows 512,
@@ -38,15 +38,6 @@ def _vary_block_scales(model, seed: int) -> None:
 
 
 
-def _tensors(directory, pattern="*.safetensors") -> dict[str, torch.Tensor]:
-    out = {}
-    for path in sorted(directory.glob(pattern)):
-        out.update(load_file(path))
-    return out
-
-
-def _bytes(t):
-    return t.reshape(-1).view(torch.uint8)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +100,7 @@ def test_demo_layout_splits_and_partitions_like_deepseeks_convert(dense_dir, tmp
     out = to_demo(dense_dir, tmp_path / "mp2", mp=2, progress=False)
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["model0-mp2.safetensors", "model1-mp2.safetensors"]
     assert not (out / "model.safetensors.index.json").exists() and (out / "tokenizer.json").exists()
-    hf = _tensors(dense_dir)
+    hf = directory_tensors(dense_dir)
     ranks = [load_file(out / f"model{r}-mp2.safetensors") for r in range(2)]
     for r, rank in enumerate(ranks):
         assert not any(name.startswith("layers.3.") for name in rank)  # the MTP layer is not part of the format
@@ -131,7 +122,7 @@ def test_demo_layout_splits_and_partitions_like_deepseeks_convert(dense_dir, tmp
 def test_round_trip_through_any_number_of_ranks_is_exact(dense_dir, tmp_path, mp):
     demo = to_demo(dense_dir, tmp_path / "demo", mp=mp, progress=False)
     back = from_demo(demo, tmp_path / "hf", mtp_from=dense_dir, max_shard_size="300KB", progress=False)
-    original, again = _tensors(dense_dir), _tensors(back)
+    original, again = directory_tensors(dense_dir), directory_tensors(back)
     assert set(again) == set(original)
     for name, tensor in original.items():
         assert torch.equal(again[name], tensor), name
@@ -151,18 +142,18 @@ def test_without_mtp_source_the_layer_is_dropped_and_logits_are_unchanged(dense_
 
 def test_block_fp8_ranks_split_weights_and_scales_together(aligned_fp8_dir, tmp_path):
     demo = to_demo(aligned_fp8_dir, tmp_path / "demo", mp=2, progress=False)
-    hf = _tensors(aligned_fp8_dir)
+    hf = directory_tensors(aligned_fp8_dir)
     rank1 = load_file(demo / "model1-mp2.safetensors")
     wq_b, scale = rank1["layers.1.attn.wq_b.weight"], rank1["layers.1.attn.wq_b.scale"]
     assert wq_b.dtype == torch.float8_e4m3fn and wq_b.shape == (256, 32) and scale.shape == (2, 1)
-    assert torch.equal(_bytes(wq_b), _bytes(hf["model.layers.1.self_attn.q_b_proj.weight"][256:]))
+    assert torch.equal(tensor_bytes(wq_b), tensor_bytes(hf["model.layers.1.self_attn.q_b_proj.weight"][256:]))
     assert torch.equal(scale, hf["model.layers.1.self_attn.q_b_proj.weight_scale_inv"][2:])
     assert rank1["layers.1.attn.wo.scale"].shape == (2, 1)  # 160 x 128 of the 160 x 256 o_proj
     back = from_demo(demo, tmp_path / "hf", mtp_from=aligned_fp8_dir, progress=False)
-    again = _tensors(back)
+    again = directory_tensors(back)
     assert set(again) == set(hf)
     for name, tensor in hf.items():
-        assert again[name].dtype == tensor.dtype and torch.equal(_bytes(again[name]), _bytes(tensor)), name
+        assert again[name].dtype == tensor.dtype and torch.equal(tensor_bytes(again[name]), tensor_bytes(tensor)), name
 
 
 def test_impossible_splits_and_incomplete_rank_sets_are_clear_errors(dense_dir, tmp_path):

@@ -7,14 +7,13 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from modeling_deepseek_v32 import DeepseekV32ForCausalLM
 from modeling_deepseek_v32.conversion.derive import derive_checkpoint, main as derive_main, select_experts
 from modeling_deepseek_v32.conversion.shards import CheckpointError
 from modeling_deepseek_v32.conversion.verify import verify_checkpoint
 from modeling_deepseek_v32.fp8 import FP8Linear
-from modeling_deepseek_v32.testing_utils import random_model, relative_error, tiny_config
+from modeling_deepseek_v32.testing_utils import directory_tensors, random_model, relative_error, tensor_bytes, tiny_config
 
 QUANT = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128], "scale_fmt": "ue8m0"}
 
@@ -31,15 +30,6 @@ def _vary_block_scales(model, seed: int) -> None:
 
 
 
-def _tensors(directory) -> dict[str, torch.Tensor]:
-    out = {}
-    for path in sorted(directory.glob("*.safetensors")):
-        out.update(load_file(path))
-    return out
-
-
-def _bytes(t):
-    return t.reshape(-1).view(torch.uint8)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +55,7 @@ def test_fewer_layers_keep_tensors_bit_exact_and_renumber_the_mtp_layer(fp8_dir,
     config = json.loads((out / "config.json").read_text())
     assert config["num_hidden_layers"] == 1 and config["num_nextn_predict_layers"] == 1
     assert config["first_k_dense_replace"] == 1 and config["n_routed_experts"] == 4 and config["n_group"] == 4
-    source, derived = _tensors(fp8_dir), _tensors(out)
+    source, derived = directory_tensors(fp8_dir), directory_tensors(out)
     kept = select_experts(8, 4, 4)
     assert kept == [0, 2, 4, 6]
     assert not any(n.startswith(("model.layers.2.", "model.layers.3.")) for n in derived)
@@ -78,7 +68,7 @@ def test_fewer_layers_keep_tensors_bit_exact_and_renumber_the_mtp_layer(fp8_dir,
         expected = source[origin]
         if origin.endswith(("mlp.gate.weight", "mlp.gate.e_score_correction_bias")):
             expected = expected[kept]
-        assert tensor.dtype == expected.dtype and torch.equal(_bytes(tensor), _bytes(expected.contiguous())), name
+        assert tensor.dtype == expected.dtype and torch.equal(tensor_bytes(tensor), tensor_bytes(expected.contiguous())), name
     assert "model.layers.1.eh_proj.weight" in derived and "model.layers.1.mlp.experts.3.up_proj.weight_scale_inv" in derived
     model = DeepseekV32ForCausalLM.from_pretrained(out)
     assert len(model.model.mtp_layers) == 1 and type(model.model.mtp_layers[0].mlp).__name__ == "DeepseekV32MoE"
@@ -115,7 +105,7 @@ def test_drop_mtp_and_explicit_expert_lists(grouped_dir, tmp_path):
     out = tmp_path / "d"
     config = json.loads((out / "config.json").read_text())
     assert config["num_nextn_predict_layers"] == 0 and config["n_routed_experts"] == 3 and config["num_experts_per_tok"] == 2
-    source, derived = _tensors(grouped_dir), _tensors(out)
+    source, derived = directory_tensors(grouped_dir), directory_tensors(out)
     assert not any(n.startswith("model.layers.3.") for n in derived)
     assert torch.equal(derived["model.layers.1.mlp.gate.weight"], source["model.layers.1.mlp.gate.weight"][[1, 3, 7]])
     assert torch.equal(derived["model.layers.2.mlp.gate.e_score_correction_bias"], source["model.layers.2.mlp.gate.e_score_correction_bias"][:3])

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from modeling_deepseek_v32 import DeepseekV32Config, DeepseekV32ForCausalLM
 from modeling_deepseek_v32 import fp8 as fp8_module
@@ -18,21 +18,12 @@ from modeling_deepseek_v32.conversion.quantize_fp8 import quantize_checkpoint
 from modeling_deepseek_v32.conversion.shards import CheckpointError
 from modeling_deepseek_v32.conversion.verify import verify_checkpoint
 from modeling_deepseek_v32.fp8 import dequantize_weight_blockwise, quantize_weight_blockwise
-from modeling_deepseek_v32.testing_utils import random_model, relative_error, tiny_config
+from modeling_deepseek_v32.testing_utils import directory_tensors, random_model, relative_error, tensor_bytes, tiny_config
 
 FP8 = torch.float8_e4m3fn
 QUANT = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128], "scale_fmt": "ue8m0"}
 
 
-def _tensors(directory) -> dict[str, torch.Tensor]:
-    out = {}
-    for path in sorted(directory.glob("*.safetensors")):
-        out.update(load_file(path))
-    return out
-
-
-def _bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1).view(torch.uint8)
 
 
 def _snapshot(directory) -> dict[str, str]:
@@ -74,7 +65,7 @@ def _ids(seed: int) -> torch.Tensor:
 
 
 def test_dequantized_checkpoint_is_exact_and_complete(fp8_dir, bf16_dir):
-    source, result = _tensors(fp8_dir), _tensors(bf16_dir)
+    source, result = directory_tensors(fp8_dir), directory_tensors(bf16_dir)
     fp8_names = [n for n, t in source.items() if t.dtype == FP8]
     assert fp8_names and not any(n.endswith("_scale_inv") for n in result)
     assert set(result) == {n for n in source if not n.endswith("_scale_inv")}
@@ -83,7 +74,7 @@ def test_dequantized_checkpoint_is_exact_and_complete(fp8_dir, bf16_dir):
             expected = dequantize_weight_blockwise(tensor, source[name + "_scale_inv"], (128, 128), torch.bfloat16)
             assert result[name].dtype == torch.bfloat16 and torch.equal(result[name], expected), name
         elif not name.endswith("_scale_inv"):
-            assert torch.equal(_bytes(result[name]), _bytes(tensor)), name
+            assert torch.equal(tensor_bytes(result[name]), tensor_bytes(tensor)), name
     config = json.loads((bf16_dir / "config.json").read_text())
     assert "quantization_config" not in config and config["dtype"] == "bfloat16"
     assert (bf16_dir / "tokenizer_config.json").read_text() == '{"model_max_length": 256}'
@@ -106,10 +97,10 @@ def test_dequantized_model_gives_the_fp8_models_logits(fp8_dir, bf16_dir, monkey
 
 def test_fp8_bf16_fp8_round_trip_with_kept_scales_reproduces_the_bytes(fp8_dir, bf16_dir, tmp_path):
     out = quantize_checkpoint(bf16_dir, tmp_path / "fp8", scales_from=fp8_dir, max_shard_size="200KB", progress=False)
-    original, again = _tensors(fp8_dir), _tensors(out)
+    original, again = directory_tensors(fp8_dir), directory_tensors(out)
     assert set(original) == set(again)
     for name, tensor in original.items():
-        assert again[name].dtype == tensor.dtype and torch.equal(_bytes(again[name]), _bytes(tensor)), name
+        assert again[name].dtype == tensor.dtype and torch.equal(tensor_bytes(again[name]), tensor_bytes(tensor)), name
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"] == json.loads((fp8_dir / "config.json").read_text())["quantization_config"]
 
@@ -119,18 +110,18 @@ def test_quantizing_a_dense_checkpoint_matches_the_reference_quantizer(bf16_dir,
     out = tmp_path / "q"
     # through the CLI's argument parsing (the subprocess path is covered in test_conversion_cli.py)
     assert quantize_main([str(bf16_dir), str(out), "--scale-fmt", scale_fmt, "--no-progress"]) == 0
-    dense, quantized = _tensors(bf16_dir), _tensors(out)
+    dense, quantized = directory_tensors(bf16_dir), directory_tensors(out)
     n_fp8 = 0
     for name, tensor in quantized.items():
         if tensor.dtype == FP8:
             n_fp8 += 1
             values, scales = quantize_weight_blockwise(dense[name], (128, 128), scale_fmt)
-            assert torch.equal(_bytes(tensor), _bytes(values)) and torch.equal(quantized[name + "_scale_inv"], scales), name
+            assert torch.equal(tensor_bytes(tensor), tensor_bytes(values)) and torch.equal(quantized[name + "_scale_inv"], scales), name
         elif not name.endswith("_scale_inv"):
             assert torch.equal(tensor, dense[name]), name
     kv_a = quantized["model.layers.1.self_attn.kv_a_proj_with_mqa.weight_scale_inv"]
     assert kv_a.shape == (2, 2)  # 144 x 160: ragged blocks in both directions
-    assert n_fp8 == sum(1 for n in _tensors(out) if n.endswith("_scale_inv"))
+    assert n_fp8 == sum(1 for n in directory_tensors(out) if n.endswith("_scale_inv"))
     quant = json.loads((out / "config.json").read_text())["quantization_config"]
     assert quant["quant_method"] == "fp8" and quant["weight_block_size"] == [128, 128]
     assert quant.get("scale_fmt") == ("ue8m0" if scale_fmt == "ue8m0" else None)
@@ -151,7 +142,7 @@ def test_quantizing_an_fp8_checkpoint_is_refused(fp8_dir, tmp_path):
 def test_fp8_weight_without_its_scale_is_a_clear_error(fp8_dir, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
-    tensors = _tensors(fp8_dir)
+    tensors = directory_tensors(fp8_dir)
     del tensors["model.layers.2.mlp.experts.5.up_proj.weight_scale_inv"]
     save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
     (broken / "config.json").write_text((fp8_dir / "config.json").read_text())

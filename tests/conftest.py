@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import modeling_deepseek_v32.kernels as kernels
 from modeling_deepseek_v32.testing_utils import random_model, tiny_config
 
 
@@ -25,3 +26,20 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def kernel_switch(monkeypatch):
+    """Triton kernels on, with failures raised instead of a silent fall back to the PyTorch twin; returns
+    ``switch(on)``, which turns them off (``DEEPSEEK_V32_KERNELS=0``) and on again."""
+    monkeypatch.setattr(kernels, "RAISE_ERRORS", True)
+    monkeypatch.delenv("DEEPSEEK_V32_KERNELS", raising=False)
+    kernels._broken.clear()
+
+    def switch(on: bool) -> None:
+        if on:
+            monkeypatch.delenv("DEEPSEEK_V32_KERNELS", raising=False)
+        else:
+            monkeypatch.setenv("DEEPSEEK_V32_KERNELS", "0")
+
+    return switch

@@ -29,20 +29,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture
-def use_kernels(monkeypatch):
+def use_kernels(kernel_switch, monkeypatch):
     """Kernels on (on CPU through the interpreter), errors raised instead of falling back; yields a switch."""
     monkeypatch.setattr(kernels, "ALLOW_CPU_INTERPRETER", True)
-    monkeypatch.setattr(kernels, "RAISE_ERRORS", True)
-    monkeypatch.delenv("DEEPSEEK_V32_KERNELS", raising=False)
-    kernels._broken.clear()
-
-    def switch(on: bool) -> None:
-        if on:
-            monkeypatch.delenv("DEEPSEEK_V32_KERNELS", raising=False)
-        else:
-            monkeypatch.setenv("DEEPSEEK_V32_KERNELS", "0")
-
-    return switch
+    return kernel_switch
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -24,20 +24,6 @@ from modeling_deepseek_v32.rope import DeepseekV32RotaryEmbedding  # noqa: E402
 from modeling_deepseek_v32.testing_utils import IndexKeyCache, random_model, relative_error  # noqa: E402
 
 
-@pytest.fixture
-def kernel_switch(monkeypatch):
-    monkeypatch.setattr(kernels, "RAISE_ERRORS", True)
-    kernels._broken.clear()
-
-    def switch(on: bool) -> None:
-        if on:
-            monkeypatch.delenv("DEEPSEEK_V32_KERNELS", raising=False)
-        else:
-            monkeypatch.setenv("DEEPSEEK_V32_KERNELS", "0")
-
-    return switch
-
-
 def _bench(**overrides) -> DeepseekV32Config:
     return DeepseekV32Config.from_preset("bench", **overrides)
 

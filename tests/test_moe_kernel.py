@@ -25,15 +25,9 @@ FP8_QUANT = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic
 
 
 @pytest.fixture
-def switch(monkeypatch):
+def switch(kernel_switch, monkeypatch):
     monkeypatch.setattr(kernels, "ALLOW_CPU_INTERPRETER", True)
-    monkeypatch.setattr(kernels, "RAISE_ERRORS", True)
-    kernels._broken.clear()
-
-    def set_on(on: bool) -> None:
-        monkeypatch.setenv("DEEPSEEK_V32_KERNELS", "1" if on else "0")
-
-    return set_on
+    return kernel_switch
 
 
 def _moe(dtype, fp8=False, seed=0) -> DeepseekV32MoE:

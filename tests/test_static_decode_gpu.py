@@ -17,17 +17,14 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 
-import modeling_deepseek_v32.kernels as kernels  # noqa: E402
 from modeling_deepseek_v32 import DeepseekV32Config, DeepseekV32ForCausalLM  # noqa: E402
 from modeling_deepseek_v32.static_decode import DeepseekV32StaticCache, release_static_decoders  # noqa: E402
 from modeling_deepseek_v32.testing_utils import random_model, relative_error, tiny_config  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _raise_kernel_errors(monkeypatch):
-    monkeypatch.setattr(kernels, "RAISE_ERRORS", True)
-    monkeypatch.delenv("DEEPSEEK_V32_KERNELS", raising=False)
-    kernels._broken.clear()
+def _raise_kernel_errors(kernel_switch):
+    return kernel_switch
 
 
 def _generate(model, ids, mask, static):

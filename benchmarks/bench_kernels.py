@@ -3,7 +3,7 @@
 Reports median time (triton.testing.do_bench), achieved TFLOP/s and GB/s (minimum bytes: each input read once,
 each output written once; gathered latent rows counted once per query) and, with --sweep, a few launch configs.
 
-    python benchmarks/bench_kernels.py --out kernels.json [--sweep] [--only mla,indexer,fp8,moe]
+    python benchmarks/bench_kernels.py --out kernels.json [--sweep] [--only mla,masked,indexer,fp8,moe]
 """
 
 from __future__ import annotations
@@ -127,6 +127,77 @@ def bench_indexer(results, sweep):
             print(json.dumps(row), flush=True)
 
 
+def _chunked_selection(seq, topk, chunk=4096):
+    """Random ``topk`` causal picks per query (all causal keys for the first ``topk``), built a chunk at a time."""
+    indices, valid = [], []
+    for start in range(0, seq, chunk):
+        stop = min(seq, start + chunk)
+        part = _selection(1, stop - start, stop, topk, start)
+        indices.append(part[0])
+        valid.append(part[1])
+    return torch.cat(indices, 1), torch.cat(valid, 1)
+
+
+def bench_masked(results, sweep):
+    """Prefill attention at S = T: the masked expanded kernel over a bitmap of 2048 random picks per query vs the
+    absorbed gathering kernel over the same lists; and the indexer's bitmap output vs its sorted top-k lists.
+    Masked FLOPs count every causal pair it computes (tiles without a selected bit are skipped, but random picks
+    leave none empty): 2 x 16 heads x (128 + 64 + 128) per pair."""
+    from modeling_deepseek_v32.fp8 import quantize_blockwise_1d
+    from modeling_deepseek_v32.indexer import indices_to_words
+    from modeling_deepseek_v32.kernels.indexer_kernel import lightning_indexer_mask, lightning_indexer_topk
+    from modeling_deepseek_v32.kernels.masked_mla_kernel import flops as masked_flops
+    from modeling_deepseek_v32.kernels.masked_mla_kernel import masked_mla_attention
+    from modeling_deepseek_v32.kernels.mla_kernel import flops_and_bytes, sparse_mla_attention
+
+    heads, nope, rope, rank, topk = 16, 128, 64, 512, 2048
+    for seq in (4096, 8192, 16384, 32768, 65536):
+        indices, valid = _chunked_selection(seq, topk)
+        q_nope = torch.randn(1, seq, heads, nope, device="cuda", dtype=torch.bfloat16)
+        q_rope = torch.randn(1, seq, heads, rope, device="cuda", dtype=torch.bfloat16)
+        k_rope = torch.randn(1, seq, rope, device="cuda", dtype=torch.bfloat16)
+        pairs = seq * (seq + 1) / 2
+        if seq <= 32768:
+            words = indices_to_words(indices, valid, seq)
+            kv = torch.randn(1, seq, heads, nope + 128, device="cuda", dtype=torch.bfloat16)
+            k_nope, values = kv.split((nope, 128), dim=-1)
+            configs = [dict()]
+            if sweep and seq == 8192:
+                configs += [dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st)
+                            for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8) for st in (1, 2, 3)]  # fmt: skip
+                configs += [dict(skip_empty=True), dict(skip_empty=True, block_m=128, block_n=64, num_warps=8)]
+            for cfg in configs:
+                try:
+                    ms = _bench(lambda: masked_mla_attention(q_nope, q_rope, k_nope, k_rope, values, words, 0.1, **cfg))
+                except Exception as error:
+                    results.append({"kernel": "masked_mla", "seq": seq, "config": cfg, "error": str(error)[:200]})
+                    continue
+                row = {"kernel": "masked_mla", "seq": seq, "config": cfg, "ms": ms,
+                       "tflops": masked_flops(1, seq, heads, pairs) / ms / 1e9}  # fmt: skip
+                results.append(row)
+                print(json.dumps(row), flush=True)
+            del kv, k_nope, values, words
+        q_latent = torch.randn(1, seq, heads, rank, device="cuda", dtype=torch.bfloat16)
+        latent = torch.randn(1, seq, rank, device="cuda", dtype=torch.bfloat16)
+        ms = _bench(lambda: sparse_mla_attention(q_latent, q_rope, latent, k_rope, indices, valid, 0.1), 5, 20)
+        row = {"kernel": "sparse_mla_same_selection", "seq": seq, "ms": ms,
+               "tflops": flops_and_bytes(1, seq, heads, topk, rank, rope)[0] / ms / 1e9}  # fmt: skip
+        results.append(row)
+        print(json.dumps(row), flush=True)
+        del q_latent, latent, indices, valid
+        if seq <= 16384:
+            q, q_scale = quantize_blockwise_1d(torch.randn(1, seq, 64, 128, device="cuda", dtype=torch.bfloat16), 128)
+            k, k_scale = quantize_blockwise_1d(torch.randn(1, seq, 128, device="cuda", dtype=torch.bfloat16), 128)
+            weights = torch.randn(1, seq, 64, device="cuda")
+            args = (q, q_scale, k, k_scale, weights, 0, None, topk)
+            for name, fn in (("indexer_topk_lists", lightning_indexer_topk), ("indexer_bitmap", lightning_indexer_mask)):
+                ms = _bench(lambda: fn(*args), 3, 10)
+                row = {"kernel": name, "fp8": True, "seq": seq, "ms": ms}
+                results.append(row)
+                print(json.dumps(row), flush=True)
+        torch.cuda.empty_cache()
+
+
 def bench_fp8(results, sweep):
     from modeling_deepseek_v32.fp8 import FP8Linear
     from modeling_deepseek_v32.kernels.fp8_gemm import fp8_linear
@@ -224,14 +295,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench_kernels.json")
     parser.add_argument("--sweep", action="store_true", help="also time a few launch configurations")
-    parser.add_argument("--only", default="mla,indexer,fp8,moe")
+    parser.add_argument("--only", default="mla,masked,indexer,fp8,moe")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
     results = []
     start = time.time()
     for name in args.only.split(","):
-        {"mla": bench_mla, "indexer": bench_indexer, "fp8": bench_fp8, "moe": bench_moe}[name](results, args.sweep)
+        benches = {"mla": bench_mla, "masked": bench_masked, "indexer": bench_indexer, "fp8": bench_fp8, "moe": bench_moe}
+        benches[name](results, args.sweep)
         torch.cuda.empty_cache()
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "seconds": time.time() - start}
     with open(args.out, "w") as handle:

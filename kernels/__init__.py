@@ -11,9 +11,13 @@ Dispatch hooks (called by the model; each returns ``None`` when the PyTorch twin
 * :func:`sparse_mla` - absorbed sparse MLA attention over the indexer's selection (``kernels/mla_kernel.py``),
   twin ``DeepseekV32Attention._absorbed``; :func:`sparse_mla_supported` lets the expanded (prefill) path route
   to it too, since both forms compute the same function.
+* :func:`masked_mla` - prefill attention in expanded form over a bitmap of the selection, flash-attention tiles over
+  every causal key (``kernels/masked_mla_kernel.py``), twin ``DeepseekV32Attention._expanded``; up to
+  ``MASKED_MLA_MAX_KEYS`` keys, where it beats gathering (:func:`masked_mla_supported`).
 * :func:`lightning_indexer` - indexer scores + top-k (``kernels/indexer_kernel.py``), twin
-  ``DeepseekV32Indexer.forward``.
-* :func:`fp8_linear` - block-FP8 w8a8 GEMM (``kernels/fp8_gemm.py``), twin ``fp8_block_matmul``.
+  ``DeepseekV32Indexer.forward``; with ``as_mask`` the selected set as a bitmap for :func:`masked_mla`.
+* :func:`fp8_linear` - block-FP8 w8a8 GEMM (``kernels/fp8_gemm.py``), twin ``fp8_block_matmul``;
+  :func:`fp8_quantize_rows` - its 1x128 ue8m0 activation quantization alone, twin ``quantize_blockwise_1d``.
 * :func:`grouped_moe` - all routed experts of a MoE layer in three launches (``kernels/moe_kernel.py``), twin
   ``DeepseekV32MoE.run_experts``'s per-expert loop; only for plain ``nn.Linear`` (bf16/fp16/fp32) or ``FP8Linear``
   experts without hooks, so bitsandbytes, PEFT and offloading hooks keep the loop.
@@ -30,8 +34,8 @@ import functools
 import logging
 import os
 
-__all__ = ["kernels_enabled", "sparse_mla", "sparse_mla_supported", "fp8_round_trip", "lightning_indexer", "fp8_linear",
-           "grouped_moe"]
+__all__ = ["kernels_enabled", "sparse_mla", "sparse_mla_supported", "masked_mla", "masked_mla_supported", "fp8_round_trip",
+           "lightning_indexer", "fp8_linear", "fp8_quantize_rows", "grouped_moe"]
 
 _ENV_VAR = "DEEPSEEK_V32_KERNELS"
 logger = logging.getLogger(__name__)
@@ -181,26 +185,65 @@ def sparse_mla(q_latent, q_rope, latent, k_rope, selection, past_len: int, key_v
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Masked MLA prefill (expanded form, selection as a bitmap)
+
+# Longest context (cached + new tokens) for which prefill attends through the masked kernel rather than gathering
+# each query's selected latents: dense tiles over all causal keys cost ~S^2/2 pairs of 320 dims per head, the
+# gather S x topk pairs of 1088 latent dims at a third of the speed (benchmarks/NOTES.md has the measurements).
+MASKED_MLA_MAX_KEYS = 32768
+
+
+def masked_mla_supported(q_nope, q_rope, total: int) -> bool:
+    """Whether :func:`masked_mla` will run for a prefill over ``total`` keys (the model then asks the indexer for a
+    bitmap and expands K/V); beyond ``MASKED_MLA_MAX_KEYS`` the absorbed :func:`sparse_mla` is faster."""
+    if total > MASKED_MLA_MAX_KEYS or not _usable("masked_mla", q_nope, q_rope):
+        return False
+    if str(q_nope.dtype) not in _MLA_DTYPES or q_rope.dtype != q_nope.dtype:
+        _unsupported("masked_mla", f"dtype {q_nope.dtype}/{q_rope.dtype}")
+        return False
+    if q_nope.shape[-1] > 256 or q_rope.shape[-1] > 128:
+        _unsupported("masked_mla", f"head dims {q_nope.shape[-1]}+{q_rope.shape[-1]}")
+        return False
+    return True
+
+
+def masked_mla(q_nope, q_rope, k_nope, k_rope, values, selection, past_len: int, key_valid, scale: float):
+    """Expanded attention output ``[B, S, H, v_head_dim]`` over the selection (None: every causal key), or None."""
+    if not masked_mla_supported(q_nope, q_rope, k_nope.shape[1]) or not _usable("masked_mla", k_nope, k_rope, values):
+        return None
+    if values.shape[-1] > 256 or len({k_nope.dtype, k_rope.dtype, values.dtype, q_nope.dtype}) != 1:
+        _unsupported("masked_mla", f"value dim {values.shape[-1]} or mixed dtypes")
+        return None
+    from . import masked_mla_kernel as _impl
+
+    words = None if selection is None else selection.mask_words(k_nope.shape[1])
+    return _call("masked_mla", _impl.masked_mla_attention, q_nope, q_rope, k_nope, k_rope, values, words, scale,
+                 past_len=past_len, key_valid=key_valid)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Lightning indexer
-def lightning_indexer(q, q_scale, k, k_scale, weights, past_len: int, key_valid, topk: int):
-    """``(indices, valid)`` of the indexer's top-k, or None (run the twin)."""
-    if not _usable("lightning_indexer", q, k, weights):
+def lightning_indexer(q, q_scale, k, k_scale, weights, past_len: int, key_valid, topk: int, as_mask: bool = False):
+    """``(indices, valid)`` of the indexer's top-k (``as_mask``: the same set as a bitmap of int32 words), or None
+    (run the twin)."""
+    name = "lightning_indexer_mask" if as_mask else "lightning_indexer"
+    if not _usable(name, q, k, weights):
         return None
     import torch
 
     if q.dtype not in (torch.float8_e4m3fn, torch.bfloat16, torch.float16, torch.float32) or k.dtype != q.dtype:
-        _unsupported("lightning_indexer", f"dtype {q.dtype}/{k.dtype}")
+        _unsupported(name, f"dtype {q.dtype}/{k.dtype}")
         return None
     if (q_scale is None) != (k_scale is None) or (q_scale is not None and (q_scale.shape[-1] != 1 or k_scale.shape[-1] != 1)):
-        _unsupported("lightning_indexer", "more than one FP8 scale block per head (index_head_dim > 128)")
+        _unsupported(name, "more than one FP8 scale block per head (index_head_dim > 128)")
         return None
     if q.shape[-1] > 256:
-        _unsupported("lightning_indexer", f"index_head_dim {q.shape[-1]}")
+        _unsupported(name, f"index_head_dim {q.shape[-1]}")
         return None
     from . import indexer_kernel as _impl
 
-    return _call("lightning_indexer", _impl.lightning_indexer_topk, q, q_scale, k, k_scale, weights, past_len,
-                 key_valid, topk)  # fmt: skip
+    select = _impl.lightning_indexer_mask if as_mask else _impl.lightning_indexer_topk
+    return _call(name, select, q, q_scale, k, k_scale, weights, past_len, key_valid, topk)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -222,6 +265,25 @@ def fp8_linear(x, w_fp8, scale_inv, bias, block_size):
     except ImportError:
         return None
     return _call("fp8_gemm", _impl.fp8_linear, x, w_fp8, scale_inv, bias)
+
+
+def fp8_quantize_rows(x):
+    """``quantize_blockwise_1d(x, 128, "ue8m0")`` (bit-identical) in one kernel instead of ~6 elementwise passes, or
+    None (run the twin). The indexer quantizes 64 heads x 128 dims per token this way."""
+    import torch
+
+    if not _usable("fp8_quantize", x) or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return None
+    try:
+        from . import fp8_gemm as _impl
+    except ImportError:
+        return None
+    shape = x.shape
+    found = _call("fp8_quantize", _impl.quantize_activations, x.reshape(-1, shape[-1]))
+    if found is None:
+        return None
+    values, scales = found
+    return values.view(shape), scales.view(*shape[:-1], scales.shape[-1])
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -79,3 +79,13 @@ def row_max(x):
 @triton.jit
 def row_sum(x):
     return tl.reduce(x, 1, tl.standard._sum_combine)
+
+
+@triton.jit
+def vector_sum(x):
+    return tl.reduce(x, 0, tl.standard._sum_combine)
+
+
+@triton.jit
+def vector_cumsum(x):
+    return tl.associative_scan(x, 0, tl.standard._sum_combine)

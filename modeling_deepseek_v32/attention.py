@@ -98,13 +98,15 @@ class DeepseekV32Attention(nn.Module):
             past_len = past_key_values.get_seq_length(self.layer_idx)
             latent, k_rope = past_key_values.update_mla(latent, k_rope, self.layer_idx)
 
-        selection = self.indexer(hidden_states, q_latent, cos, sin, past_len, key_valid, past_key_values)
         if absorb is None:
             absorb = past_len > 0 and seq <= ABSORB_MAX_QUERIES
-        attend = self._absorbed if absorb else self._expanded
         stage = self.config.indexer_training
         # While the indexer trains, `_attend` hands over its head-summed probabilities: the indexer's KL target.
         sink = self._head_prob_sink = [] if stage is not None and self.training and past_len == 0 else None
+        # The masked prefill kernel reads the selection as a bitmap, which the indexer kernel writes directly.
+        as_mask = not absorb and sink is None and _kernels.masked_mla_supported(q_nope, q_rope, latent.shape[1])
+        selection = self.indexer(hidden_states, q_latent, cos, sin, past_len, key_valid, past_key_values, as_mask)
+        attend = self._absorbed if absorb else self._expanded
         attended = None if stage == "dense_warmup" else selection  # warm-up: main attention stays dense
         output = attend(q_nope, q_rope, latent, k_rope, attended, past_len, key_valid)
         self._head_prob_sink = None
@@ -120,16 +122,21 @@ class DeepseekV32Attention(nn.Module):
     # ----------------------------------------------------------------------------------------------------------
     # Each form supplies, per query chunk, scores [B, C, H, K] and the values with the einsum that combines them.
     def _expanded(self, q_nope, q_rope, latent, k_rope, selection, past_len, key_valid) -> torch.Tensor:
-        # Same function, computed by the absorbed kernel; not while indexer training needs `_attend`'s probabilities.
-        if self._head_prob_sink is None and _kernels.sparse_mla_supported(q_rope, latent):
+        # The kernels compute this function too; not while indexer training needs `_attend`'s probabilities.
+        kernels_may_run = self._head_prob_sink is None
+        expanded = None
+        if kernels_may_run and _kernels.masked_mla_supported(q_nope, q_rope, latent.shape[1]):
+            expanded = self._expand_kv(latent, q_nope.shape[2])
+            output = _kernels.masked_mla(q_nope, q_rope, expanded[0], k_rope, expanded[1], selection, past_len,
+                                         key_valid, self.scaling)  # fmt: skip
+            if output is not None:
+                return output
+        if kernels_may_run and _kernels.sparse_mla_supported(q_rope, latent):
             if isinstance(self.kv_b_proj, FP8Linear):  # as kv_b_proj's input, the latent is quantized to FP8
                 latent = _kernels.fp8_round_trip(latent)
             return self._absorbed(q_nope, q_rope, latent, k_rope, selection, past_len, key_valid)
         heads = q_nope.shape[2]
-        kv = self.kv_b_proj(latent)
-        self._check_kv_b_heads(kv.shape[-1], heads)
-        kv = kv.view(*latent.shape[:2], heads, self.nope_dim + self.v_head_dim)
-        k_nope, values = kv.split((self.nope_dim, self.v_head_dim), dim=-1)
+        k_nope, values = expanded or self._expand_kv(latent, heads)
         keys = torch.cat((k_nope, k_rope[:, :, None].expand(-1, -1, heads, -1)), dim=-1)
         queries = torch.cat((q_nope, q_rope), dim=-1)
 
@@ -144,6 +151,14 @@ class DeepseekV32Attention(nn.Module):
         gathered = 0 if selection is None else (self.qk_head_dim + self.v_head_dim)
         return self._attend(chunk_terms, queries.shape[1], width * heads * (1 + gathered), selection,
                             past_len, key_valid, latent.shape[1])  # fmt: skip
+
+    def _expand_kv(self, latent: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head ``(k_nope, values)`` ``[B, T, heads, dim]`` of the latents, through ``kv_b_proj``."""
+        kv = self.kv_b_proj(latent)
+        self._check_kv_b_heads(kv.shape[-1], heads)
+        kv = kv.view(*latent.shape[:2], heads, self.nope_dim + self.v_head_dim)
+        k_nope, values = kv.split((self.nope_dim, self.v_head_dim), dim=-1)
+        return k_nope, values
 
     def _absorbed(self, q_nope, q_rope, latent, k_rope, selection, past_len, key_valid) -> torch.Tensor:
         w_uk, w_uv = self._absorb_weights(latent.dtype)

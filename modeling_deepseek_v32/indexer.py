@@ -42,11 +42,71 @@ def hadamard_rotate(x: torch.Tensor) -> torch.Tensor:
 
 
 class IndexSelection:
-    """Top-k token indices per query, ``[batch, queries, k]``, and which of them are real (causal, not padding)."""
+    """The tokens each query attends to, as index lists or as a bitmap, each built from the other on demand.
 
-    def __init__(self, indices: torch.Tensor, valid: torch.Tensor):
-        self.indices = indices
-        self.valid = valid
+    * ``indices`` ``[batch, queries, k]`` and ``valid`` (which of them are real: causal, not padding), what the
+      gathering paths and the indexer losses read;
+    * ``mask_words(total)`` ``[batch, queries, ceil(total / 32)]`` int32, bit ``t % 32`` of word ``t // 32`` set when
+      token ``t`` is selected, what the masked prefill kernel reads (the indexer kernel writes it directly).
+
+    Both describe the same set; a bitmap lists its tokens in position order, not by score.
+    """
+
+    def __init__(self, indices: torch.Tensor | None = None, valid: torch.Tensor | None = None, *,
+                 mask_words: torch.Tensor | None = None, topk: int | None = None):  # fmt: skip
+        if (indices is None) == (mask_words is None) or (indices is None) != (valid is None):
+            raise ValueError("IndexSelection takes indices with valid, or mask_words with topk")
+        if mask_words is not None and topk is None:
+            raise ValueError("a bitmap selection needs its topk (the width of the index lists it stands for)")
+        self._indices, self._valid, self._words = indices, valid, mask_words
+        self.topk = indices.shape[-1] if indices is not None else topk
+
+    @property
+    def indices(self) -> torch.Tensor:
+        if self._indices is None:
+            self._indices, self._valid = words_to_indices(self._words, self.topk)
+        return self._indices
+
+    @property
+    def valid(self) -> torch.Tensor:
+        self.indices  # noqa: B018 - materializes both
+        return self._valid
+
+    def mask_words(self, total: int) -> torch.Tensor:
+        if self._words is None:
+            self._words = indices_to_words(self._indices, self._valid, total)
+        if self._words.shape[-1] != -(-total // 32):
+            raise ValueError(f"the selection bitmap covers {self._words.shape[-1] * 32} tokens, not {total}")
+        return self._words
+
+
+_BIT_VALUES = [1 << bit for bit in range(32)]
+
+
+def indices_to_words(indices: torch.Tensor, valid: torch.Tensor, total: int) -> torch.Tensor:
+    """Bitmap ``[B, S, ceil(total / 32)]`` int32 of the valid ``indices`` (plain-PyTorch twin of the indexer kernel's
+    bitmap output)."""
+    batch, seq, _ = indices.shape
+    width = -(-total // 32) * 32
+    # Invalid entries land in one spare column that is dropped.
+    mask = torch.zeros(batch, seq, width + 1, dtype=torch.bool, device=indices.device)
+    mask.scatter_(-1, indices.masked_fill(~valid, width), True)
+    bits = torch.tensor(_BIT_VALUES, dtype=torch.int64, device=indices.device)
+    words = (mask[..., :width].view(batch, seq, -1, 32).to(torch.int64) * bits).sum(dim=-1)
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)  # bit 31 is the sign bit
+
+
+def words_to_mask(words: torch.Tensor, total: int) -> torch.Tensor:
+    """Bool ``[B, S, total]`` of a selection bitmap."""
+    shifts = torch.arange(32, dtype=torch.int32, device=words.device)
+    return ((words[..., None] >> shifts) & 1).flatten(-2)[..., :total].bool()
+
+
+def words_to_indices(words: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(indices [B, S, topk], valid)`` of a selection bitmap: its tokens in position order, then invalid slots."""
+    mask = words_to_mask(words, words.shape[-1] * 32)
+    order = mask.to(torch.uint8).sort(dim=-1, descending=True, stable=True)
+    return order.indices[..., :topk].contiguous(), order.values[..., :topk].bool()
 
 
 class DeepseekV32Indexer(nn.Module):
@@ -74,7 +134,12 @@ class DeepseekV32Indexer(nn.Module):
     def _quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not self.use_fp8:
             return x, None
-        return quantize_blockwise_1d(hadamard_rotate(x), min(INDEX_FP8_BLOCK, self.head_dim), scale_fmt="ue8m0")
+        rotated = hadamard_rotate(x)
+        if self.head_dim == INDEX_FP8_BLOCK:
+            fused = _kernels.fp8_quantize_rows(rotated)
+            if fused is not None:
+                return fused
+        return quantize_blockwise_1d(rotated, min(INDEX_FP8_BLOCK, self.head_dim), scale_fmt="ue8m0")
 
     def _dequantize(self, x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
         if scale is None:
@@ -91,11 +156,13 @@ class DeepseekV32Indexer(nn.Module):
         past_len: int,
         key_valid: torch.Tensor | None,
         cache=None,
+        as_mask: bool = False,
     ) -> IndexSelection | None:
         """Select tokens for ``S`` new queries against all ``T = past_len + S`` keys.
 
         Returns None when ``T <= index_topk``: every causal token is selected and scoring is skipped.
-        ``key_valid``: ``[batch, T]`` bool padding mask or None.
+        ``key_valid``: ``[batch, T]`` bool padding mask or None. ``as_mask``: the caller reads the selection as a
+        bitmap, which the indexer kernel then writes directly (cheaper than sorted index lists).
         """
         batch, seq, _ = hidden_states.shape
         norm = self.k_norm
@@ -113,9 +180,10 @@ class DeepseekV32Indexer(nn.Module):
         weights = F.linear(hidden_states.float(), self.weights_proj.weight.float())
         weights = weights * (self.n_heads**-0.5 * self.head_dim**-0.5)
         topk = min(self.index_topk, total)
-        fused = _kernels.lightning_indexer(q_stored, q_scale, k_stored, k_scale, weights, past_len, key_valid, topk)
+        fused = _kernels.lightning_indexer(q_stored, q_scale, k_stored, k_scale, weights, past_len, key_valid, topk,
+                                           as_mask=as_mask)  # fmt: skip
         if fused is not None:
-            return IndexSelection(*fused)
+            return IndexSelection(mask_words=fused, topk=topk) if as_mask else IndexSelection(*fused)
         queries = self._dequantize(q_stored, q_scale)
         keys = self._dequantize(k_stored, k_scale)
 

@@ -125,7 +125,8 @@ def test_sparse_mla_kernel_splits_and_int32_indices(num_splits):
 
 
 def test_prefill_expanded_path_routes_to_kernel(use_kernels):
-    """With kernels on, the expanded (prefill) form is computed by the absorbed kernel: same function."""
+    """With kernels on, the expanded (prefill) form is computed by a kernel (the masked one at this length; the
+    absorbed one beyond ``MASKED_MLA_MAX_KEYS``, tests/test_masked_prefill.py): same function."""
     config = tiny_config()
     attn = _attention(config, torch.float32)
     batch, seq = 2, 12
@@ -138,7 +139,7 @@ def test_prefill_expanded_path_routes_to_kernel(use_kernels):
     use_kernels(True)
     with torch.no_grad():
         actual = attn._expanded(*args)
-    assert kernels.calls["sparse_mla"] > 0
+    assert kernels.calls["masked_mla"] > 0
     assert relative_error(actual, expected) < 1e-5
 
 
@@ -280,6 +281,7 @@ def test_tiny_model_with_kernels_matches_pytorch(use_kernels):
     use_kernels(True)
     kernels.calls.clear()
     actual = run()
+    assert kernels.calls["masked_mla"] and kernels.calls["lightning_indexer_mask"]  # prefill
     assert kernels.calls["sparse_mla"] and kernels.calls["lightning_indexer"] and kernels.calls["grouped_moe"]
     assert kernels.calls["fp8_gemm"] or quant is None
     valid = mask.bool()

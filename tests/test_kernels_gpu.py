@@ -118,6 +118,50 @@ def test_indexer_bench_shapes(kernel_switch, index_fp8, past_len, seq):
     assert same_order > 0.99
 
 
+@pytest.mark.parametrize("seq,past_len,mode", [(8192, 0, "selected"), (1536, 6656, "selected"), (2048, 0, "causal")])
+def test_masked_mla_bench_shapes(kernel_switch, seq, past_len, mode):
+    """The masked prefill kernel (bitmap of 2048 random picks per query, or causal) against the gathering twin."""
+    config = _bench()
+    torch.manual_seed(0)
+    attn = DeepseekV32Attention(config, 0).cuda().to(torch.bfloat16).eval()
+    total, heads, nope, rope, rank = past_len + seq, 16, 128, 64, 512
+    q_nope, q_rope = _randn(1, seq, heads, nope + rope, seed=1).split((nope, rope), dim=-1)
+    latent, k_rope = _randn(1, total, rank + rope, seed=2).split((rank, rope), dim=-1)
+    selection = _selection(1, seq, total, 2048, past_len, seed=3) if mode == "selected" else None
+    args = (q_nope, q_rope, latent, k_rope, selection, past_len, None)
+    kernel_switch(False)
+    with torch.no_grad():
+        expected = attn._expanded(*args).float()
+    kernel_switch(True)
+    before = kernels.calls["masked_mla"]
+    with torch.no_grad():
+        actual = attn._expanded(*args).float()
+    assert kernels.calls["masked_mla"] == before + 1
+    assert relative_error(actual, expected) < 2e-2
+
+
+@pytest.mark.parametrize("index_fp8", [True, False])
+def test_indexer_bitmap_bench_shapes(kernel_switch, index_fp8):
+    """The indexer's bitmap holds exactly the sets of its own sorted top-k kernel (same scores, same tie rule)."""
+    from modeling_deepseek_v32.indexer import indices_to_words
+
+    config = _bench(index_fp8=index_fp8)
+    torch.manual_seed(0)
+    indexer = DeepseekV32Indexer(config, 0).cuda().to(torch.bfloat16).eval()
+    rotary = DeepseekV32RotaryEmbedding(config).cuda()
+    total = 8192
+    hidden = _randn(1, total, config.hidden_size, seed=5)
+    q_latent = _randn(1, total, config.q_lora_rank, seed=6)
+    cos, sin = rotary(torch.arange(total, device="cuda")[None])
+    kernel_switch(True)
+    with torch.no_grad():
+        listed = indexer(hidden, q_latent, cos, sin, 0, None, IndexKeyCache())
+        before = kernels.calls["lightning_indexer_mask"]
+        bitmap = indexer(hidden, q_latent, cos, sin, 0, None, IndexKeyCache(), as_mask=True)
+    assert kernels.calls["lightning_indexer_mask"] == before + 1
+    assert torch.equal(bitmap.mask_words(total), indices_to_words(listed.indices, listed.valid, total))
+
+
 @pytest.mark.parametrize("tokens", [1, 7, 300, 4096])
 @pytest.mark.parametrize("features", [(2048, 2816), (2048, 576), (1408, 2048)])
 def test_fp8_linear_bench_shapes(kernel_switch, tokens, features):

@@ -268,7 +268,8 @@ def bench_moe(results, sweep):
                 configs = [None]
                 if sweep and tokens in (1, 8192):
                     configs += [(16, 64, 64, 4, 4), (16, 32, 64, 4, 4), (16, 128, 128, 4, 4)] if tokens == 1 else [
-                        (64, 64, 128, 4, 3), (128, 128, 128, 8, 3), (128, 64, 64, 4, 3), (64, 128, 128, 4, 4)]
+                        (64, 64, 128, 4, 3), (128, 128, 128, 8, 3), (128, 64, 64, 4, 3), (64, 128, 128, 4, 4),
+                        (128, 128, 128, 8, 4), (128, 128, 64, 8, 4), (128, 64, 128, 8, 4), (128, 256, 128, 8, 3)]
                 for cfg in configs:
                     try:
                         ms = _bench(lambda: grouped_experts(x, weights, experts, tables, inter, fp8, cfg))

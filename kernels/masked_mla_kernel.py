@@ -12,7 +12,8 @@ absorbed FLOPs, read as contiguous tiles on the tensor cores. Per query ``(b, s)
 Without a bitmap every causal key ``t <= past_len + s`` (and ``key_valid``) is selected: the model's dense regime
 (``T <= index_topk``). A query with no selected token gets zeros. The plain-PyTorch twin is
 ``DeepseekV32Attention._expanded`` / ``_attend`` in ``modeling_deepseek_v32/attention.py`` (gathers the same set;
-the order of summation differs). Tiles of the (query block, key block) grid with no selected bit are skipped.
+the order of summation differs). ``skip_empty`` skips tiles with no selected bit, at the price of a block-wide
+reduction per tile: slower for random selections (which leave no tile empty), so off by default.
 """
 
 from __future__ import annotations
@@ -157,10 +158,10 @@ def masked_mla_attention(
     # Measured on an H100 (benchmarks/bench_kernels.py --only masked --sweep).
     if interpreting():
         block_m, block_n = block_m or 16, block_n or 32
-    block_m = block_m or 64
-    block_n = block_n or 128
-    num_warps = num_warps or 4
-    num_stages = num_stages or 2
+    block_m = block_m or 128
+    block_n = block_n or 64
+    num_warps = num_warps or 8
+    num_stages = num_stages or 3
     if block_n % 32:
         raise ValueError("block_n must be a multiple of 32 (one mask word)")
 

@@ -59,7 +59,7 @@ def _gate_up_kernel(
     X, XS, Rows, TileEnd, SegStart, SegEnd, GatePtrs, UpPtrs, GateScalePtrs, UpScalePtrs, H,
     E, N, K, stride_x, stride_xs, stride_h, n_kb_w,
     FP8: tl.constexpr, CDTYPE: tl.constexpr, PRECISION: tl.constexpr, FIX_BF16: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_POW2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_POW2: tl.constexpr, EVEN_K: tl.constexpr,
 ):  # fmt: skip
     expert, safe, row_start, row_end = _find_tile(TileEnd, SegStart, SegEnd, E, BLOCK_M, E_POW2)
     if expert < E:
@@ -80,7 +80,7 @@ def _gate_up_kernel(
             gate_s = tl.load(GateScalePtrs + safe).to(tl.pointer_type(tl.float32)) + (offs_n // 128) * n_kb_w
             up_s = tl.load(UpScalePtrs + safe).to(tl.pointer_type(tl.float32)) + (offs_n // 128) * n_kb_w
         for k0 in range(0, K, BLOCK_K):
-            k_mask = (k0 + offs_k) < K
+            k_mask = ((k0 + offs_k) < K) | EVEN_K  # all-true when the tiles divide K: unmasked, vectorized loads
             a = tl.load(a_ptrs + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(CDTYPE)
             wmask = n_mask[:, None] & k_mask[None, :]
             g = tl.load(gate_w + w_offs + k0, mask=wmask, other=0.0).to(CDTYPE)
@@ -108,7 +108,7 @@ def _down_kernel(
     A, AS, Slots, TileEnd, SegStart, SegEnd, DownPtrs, DownScalePtrs, Y,
     E, N, K, stride_a, stride_as, stride_y, n_kb_w,
     FP8: tl.constexpr, CDTYPE: tl.constexpr, PRECISION: tl.constexpr, FIX_BF16: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_POW2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_POW2: tl.constexpr, EVEN_K: tl.constexpr,
 ):  # fmt: skip
     expert, safe, row_start, row_end = _find_tile(TileEnd, SegStart, SegEnd, E, BLOCK_M, E_POW2)
     if expert < E:
@@ -125,7 +125,7 @@ def _down_kernel(
         if FP8:
             w_s = tl.load(DownScalePtrs + safe).to(tl.pointer_type(tl.float32)) + (offs_n // 128) * n_kb_w
         for k0 in range(0, K, BLOCK_K):
-            k_mask = (k0 + offs_k) < K
+            k_mask = ((k0 + offs_k) < K) | EVEN_K  # all-true when the tiles divide K: unmasked, vectorized loads
             a = tl.load(a_ptrs + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(CDTYPE)
             b = tl.load(w_ptrs + k0, mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(CDTYPE)
             part = tl.dot(a, tl.trans(b), input_precision=PRECISION)
@@ -220,7 +220,8 @@ def grouped_experts(
         tables.get("gate_scale", tables["gate"]), tables.get("up_scale", tables["up"]), h,
         n_experts, intermediate, hidden, x.stride(0), xs.stride(0) if fp8 else 0, h.stride(0), n_kb_gu,
         FP8=fp8, CDTYPE=cdtype, PRECISION=precision, FIX_BF16=fix_bf16,
-        BLOCK_M=block_m, BLOCK_N=block_n_gu, BLOCK_K=block_k, E_POW2=e_pow2, num_warps=warps, num_stages=stages,
+        BLOCK_M=block_m, BLOCK_N=block_n_gu, BLOCK_K=block_k, E_POW2=e_pow2,
+        EVEN_K=hidden % block_k == 0, num_warps=warps, num_stages=stages,
     )  # fmt: skip
 
     if fp8:
@@ -233,7 +234,8 @@ def grouped_experts(
         n_experts, hidden, intermediate, a.stride(0), a_s.stride(0) if fp8 else 0, y.stride(0),
         triton.cdiv(intermediate, 128),
         FP8=fp8, CDTYPE=cdtype, PRECISION=precision, FIX_BF16=fix_bf16,
-        BLOCK_M=block_m, BLOCK_N=block_n_down, BLOCK_K=block_k, E_POW2=e_pow2, num_warps=warps, num_stages=stages,
+        BLOCK_M=block_m, BLOCK_N=block_n_down, BLOCK_K=block_k, E_POW2=e_pow2,
+        EVEN_K=intermediate % block_k == 0, num_warps=warps, num_stages=stages,
     )  # fmt: skip
 
     block_t = 4 if n_tokens <= 4 else 16

@@ -18,6 +18,7 @@ Dispatch hooks (called by the model; each returns ``None`` when the PyTorch twin
   ``DeepseekV32Indexer.forward``; with ``as_mask`` the selected set as a bitmap for :func:`masked_mla`.
 * :func:`fp8_linear` - block-FP8 w8a8 GEMM (``kernels/fp8_gemm.py``), twin ``fp8_block_matmul``;
   :func:`fp8_quantize_rows` - its 1x128 ue8m0 activation quantization alone, twin ``quantize_blockwise_1d``.
+* :func:`rms_norm` - ``DeepseekV32RMSNorm`` in one pass (``kernels/norm_kernel.py``), twin its ``forward``.
 * :func:`grouped_moe` - all routed experts of a MoE layer in three launches (``kernels/moe_kernel.py``), twin
   ``DeepseekV32MoE.run_experts``'s per-expert loop; only for plain ``nn.Linear`` (bf16/fp16/fp32) or ``FP8Linear``
   experts without hooks, so bitsandbytes, PEFT and offloading hooks keep the loop.
@@ -35,7 +36,12 @@ import logging
 import os
 
 __all__ = ["kernels_enabled", "sparse_mla", "sparse_mla_supported", "masked_mla", "masked_mla_supported", "fp8_round_trip",
-           "lightning_indexer", "fp8_linear", "fp8_quantize_rows", "grouped_moe"]
+           "lightning_indexer", "fp8_linear", "fp8_quantize_rows", "rms_norm", "grouped_moe"]
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed
+    DTensor = None
 
 _ENV_VAR = "DEEPSEEK_V32_KERNELS"
 logger = logging.getLogger(__name__)
@@ -284,6 +290,25 @@ def fp8_quantize_rows(x):
         return None
     values, scales = found
     return values.view(shape), scales.view(*shape[:-1], scales.shape[-1])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# RMSNorm
+def rms_norm(x, weight, eps: float):
+    """``DeepseekV32RMSNorm`` in one kernel (``kernels/norm_kernel.py``), or None (run the twin)."""
+    import torch
+
+    if not _usable("rms_norm", x, weight):
+        return None
+    if DTensor and isinstance(weight, DTensor):
+        _unsupported("rms_norm", "DTensor weights")
+        return None
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or x.shape[-1] > 16384 or weight.shape != x.shape[-1:]:
+        _unsupported("rms_norm", f"input {x.dtype} {tuple(x.shape)} / weight {tuple(weight.shape)}")
+        return None
+    from . import norm_kernel as _impl
+
+    return _call("rms_norm", _impl.rms_norm, x, weight, eps)
 
 
 # --------------------------------------------------------------------------------------------------------------

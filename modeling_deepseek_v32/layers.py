@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels as _kernels
 from .configuration import DeepseekV32Config
 from .fp8 import FP8Linear
 
@@ -26,6 +27,9 @@ class DeepseekV32RMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        fused = _kernels.rms_norm(hidden_states, self.weight, self.variance_epsilon)
+        if fused is not None:
+            return fused
         x = hidden_states.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
         return (x * self.weight.float()).to(hidden_states.dtype)

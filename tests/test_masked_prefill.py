@@ -221,3 +221,27 @@ def test_indexer_fp8_quantization_kernel_is_bit_identical(use_kernels):
     assert actual[0].shape == expected[0].shape and actual[1].shape == expected[1].shape
     assert torch.equal(actual[0].view(torch.uint8), expected[0].view(torch.uint8))
     assert torch.equal(actual[1], expected[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_kernel_matches_twin(use_kernels, dtype):
+    """One-pass RMSNorm on rows of a wider tensor (the model normalizes the latent part of kv_a_proj's output)."""
+    from modeling_deepseek_v32.layers import DeepseekV32RMSNorm
+
+    norm = DeepseekV32RMSNorm(40, eps=1e-6).to(DEVICE)
+    with torch.no_grad():
+        norm.weight.copy_(_randn(40, seed=12))
+    wide = _randn(2, 7, 48, seed=13, dtype=dtype) * 3
+    x = wide[..., :40]  # row stride 48
+    use_kernels(False)
+    with torch.no_grad():
+        expected = norm(x)
+    use_kernels(True)
+    before = kernels.calls["rms_norm"]
+    with torch.no_grad():
+        actual = norm(x)
+    assert kernels.calls["rms_norm"] == before + 1
+    assert actual.dtype == dtype and actual.shape == x.shape
+    assert relative_error(actual.float(), expected.float()) < (1e-6 if dtype == torch.float32 else 1e-2)
+    norm.weight.requires_grad_(True)
+    assert kernels.rms_norm(x, norm.weight, 1e-6) is None  # training: the twin (it has a backward)

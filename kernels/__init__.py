@@ -194,9 +194,10 @@ def sparse_mla(q_latent, q_rope, latent, k_rope, selection, past_len: int, key_v
 # Masked MLA prefill (expanded form, selection as a bitmap)
 
 # Longest context (cached + new tokens) for which prefill attends through the masked kernel rather than gathering
-# each query's selected latents: dense tiles over all causal keys cost ~S^2/2 pairs of 320 dims per head, the
-# gather S x topk pairs of 1088 latent dims at a third of the speed (benchmarks/NOTES.md has the measurements).
-MASKED_MLA_MAX_KEYS = 32768
+# each query's selected latents: dense tiles over all causal keys cost ~S^2/2 pairs of 320 dims per head at ~300-365
+# TFLOP/s, the gather S x 2048 pairs of 1088 latent dims at ~72 (H100, index_topk 2048: 15 vs 33 ms at 32K, so the
+# two meet near 70K; benchmarks/NOTES.md).
+MASKED_MLA_MAX_KEYS = 65536
 
 
 def masked_mla_supported(q_nope, q_rope, total: int) -> bool:

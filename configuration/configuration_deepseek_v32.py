@@ -72,8 +72,10 @@ class DeepseekV32Config(PretrainedConfig):
     # shard. The latent projections (q_a_proj, kv_a_proj_with_mqa), their norms and the indexer stay replicated: all
     # heads share them, and the indexer's weighted sum over its heads needs every head. num_attention_heads must
     # divide by the TP size. The dense MLP and the shared experts split colwise/rowwise (one all-reduce each).
-    # Routed experts stay replicated: transformers' expert-parallel styles shard fused 3-D expert tensors, not a
-    # list of per-expert nn.Linear modules. examples/tp_inference_check.py compares logits with one device.
+    # Routed experts are split by expert (expert parallelism, our own style: transformers' EP styles shard fused
+    # 3-D expert tensors, ours are per-expert modules): rank r keeps and loads experts [r*E/W, (r+1)*E/W), routing
+    # stays replicated, and the routed partial sums are all-reduced (modeling_deepseek_v32/expert_parallel.py);
+    # n_routed_experts must divide by the TP size. examples/tp_inference_check.py compares logits with one device.
     base_model_tp_plan = {
         "layers.*.self_attn.q_proj": "colwise",
         "layers.*.self_attn.q_b_proj": "colwise",
@@ -85,6 +87,7 @@ class DeepseekV32Config(PretrainedConfig):
         "layers.*.mlp.shared_experts.gate_proj": "colwise",
         "layers.*.mlp.shared_experts.up_proj": "colwise",
         "layers.*.mlp.shared_experts.down_proj": "rowwise",
+        "layers.*.mlp.experts": "deepseek_v32_local_experts",
     }
 
     def __init__(

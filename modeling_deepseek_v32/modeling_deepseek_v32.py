@@ -16,6 +16,7 @@ from transformers.utils import logging
 from .attention import DeepseekV32Attention
 from .cache import DeepseekV32Cache
 from .configuration import DeepseekV32Config
+from .expert_parallel import has_expert_shards, without_other_ranks_experts
 from .fp8 import FP8Linear, quantize_weight_blockwise
 from .layers import DeepseekV32MLP, DeepseekV32RMSNorm
 from .moe import DeepseekV32MoE, DeepseekV32TopkRouter
@@ -172,6 +173,20 @@ class DeepseekV32PreTrainedModel(PreTrainedModel):
         )
         check_loading_info(model, info, allow_missing_weights, allow_mismatched)
         return (model, info) if wants_info else model
+
+    def _adjust_missing_and_unexpected_keys(self, loading_info) -> None:
+        super()._adjust_missing_and_unexpected_keys(loading_info)
+        # Under expert parallelism each rank skips the other ranks' experts on purpose (expert_parallel.py).
+        loading_info.unexpected_keys = without_other_ranks_experts(self, loading_info.unexpected_keys)
+
+    def save_pretrained(self, *args, **kwargs):
+        if has_expert_shards(self):
+            # The gathered TP state dict would silently lack the experts other ranks hold.
+            raise NotImplementedError(
+                "this model's routed experts are split over the tensor-parallel ranks (expert parallelism), and "
+                "saving them is not supported; save from a model loaded without tp_plan"
+            )
+        return super().save_pretrained(*args, **kwargs)
 
 
 class DeepseekV32Model(DeepseekV32PreTrainedModel):

@@ -13,6 +13,7 @@ from torch import nn
 
 from . import kernels as _kernels
 from .configuration import DeepseekV32Config
+from .expert_parallel import expert_shard
 from .layers import DeepseekV32MLP
 from .moe_balancing import expert_load, in_checkpoint_recompute, sequence_balance_loss
 
@@ -125,24 +126,42 @@ class DeepseekV32MoE(nn.Module):
     def run_experts(self, tokens: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Sum of ``weights[t, j] * expert_{experts[t, j]}(tokens[t])`` accumulated in fp32.
 
-        On CUDA the grouped Triton kernel computes it without a host sync (``kernels.grouped_moe``); this loop is its
-        twin, and runs for anything the kernel cannot read (quantized or PEFT-wrapped experts, training)."""
-        grouped = _kernels.grouped_moe(self, tokens, weights, experts)
-        if grouped is not None:
-            return grouped
-        flat_experts = experts.flatten()
-        order = flat_experts.argsort(stable=True)
-        token_of_slot = order // experts.shape[1]
-        counts = torch.bincount(flat_experts, minlength=len(self.experts)).tolist()
-        sorted_inputs = tokens.index_select(0, token_of_slot)
-        sorted_weights = weights.flatten().index_select(0, order)
-        output = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
-        start = 0
-        for expert_idx, count in enumerate(counts):
-            if count == 0:
-                continue
-            stop = start + count
-            expert_out = self.experts[expert_idx](sorted_inputs[start:stop]).float()
-            output.index_add_(0, token_of_slot[start:stop], expert_out * sorted_weights[start:stop, None])
-            start = stop
-        return output
+        On CUDA the grouped Triton kernel computes it without a host sync (``kernels.grouped_moe``); the per-expert
+        loop (:func:`expert_loop`) is its twin, and runs for anything the kernel cannot read (quantized or
+        PEFT-wrapped experts, training). Under expert parallelism (``expert_parallel.py``) this rank runs, through
+        the same kernel or loop, only the slots routed to its own experts, and the partial sums are all-reduced."""
+        shard = expert_shard(self.experts)
+        if shard is not None:
+            token_of_slot, rows, slot_weights, local_ids = shard.select(tokens, weights, experts)
+            partial = _routed_sum(shard.local_experts(self.experts), rows, slot_weights, local_ids)
+            return shard.sum_over_ranks(shard.combine(partial, token_of_slot, tokens.shape[0]))
+        return _routed_sum(self, tokens, weights, experts)
+
+
+def _routed_sum(owner, tokens: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """``owner.experts`` (a MoE module's, or this rank's under expert parallelism) through the kernel or the loop."""
+    grouped = _kernels.grouped_moe(owner, tokens, weights, experts)
+    if grouped is not None:
+        return grouped
+    return expert_loop(owner.experts, tokens, weights, experts)
+
+
+def expert_loop(modules, tokens: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """Tokens sorted by expert, each of ``modules`` run once on its contiguous slice (a loop over experts that
+    received tokens, never over tokens); ``experts`` index ``modules``."""
+    flat_experts = experts.flatten()
+    order = flat_experts.argsort(stable=True)
+    token_of_slot = order // experts.shape[1]
+    counts = torch.bincount(flat_experts, minlength=len(modules)).tolist()
+    sorted_inputs = tokens.index_select(0, token_of_slot)
+    sorted_weights = weights.flatten().index_select(0, order)
+    output = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
+    start = 0
+    for expert_idx, count in enumerate(counts):
+        if count == 0:
+            continue
+        stop = start + count
+        expert_out = modules[expert_idx](sorted_inputs[start:stop]).float()
+        output.index_add_(0, token_of_slot[start:stop], expert_out * sorted_weights[start:stop, None])
+        start = stop
+    return output

@@ -5,11 +5,13 @@
 
 The plan (``DeepseekV32Config.base_model_tp_plan`` + ``DeepseekV32ForCausalLM._tp_plan``) splits attention by heads
 (``q_b_proj``/``q_proj`` and ``kv_b_proj`` colwise, ``o_proj`` rowwise: one all-reduce), the dense MLP and the
-shared experts (gate/up colwise, down rowwise: one all-reduce each) and the output head (colwise, gathered). The
-latent projections, their norms, the indexer and the routed experts stay replicated. The check runs a prefill (the
-expanded attention form) and one decode step on the cache it filled (the absorbed form, which reads ``kv_b_proj``'s
-local shard). Rank 0 prints a JSON line with the largest logit differences against the unsharded model, the
-sharded modules and, on GPUs, the peak memory per device; ``--output`` also writes it to a file.
+shared experts (gate/up colwise, down rowwise: one all-reduce each), the routed experts by expert (expert
+parallelism: each rank loads E/W whole experts and runs the slots routed to them, one all-reduce) and the output
+head (colwise, gathered). The latent projections, their norms, the indexer and the gate stay replicated. The check
+runs a prefill (the expanded attention form) and one decode step on the cache it filled (the absorbed form, which
+reads ``kv_b_proj``'s local shard). Rank 0 prints a JSON line with the largest logit differences against the
+unsharded model, the sharded modules, the routed experts each rank holds and, on GPUs, the peak memory per device;
+``--output`` also writes it to a file.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ TP_PLAN = {
     "model.layers.*.mlp.shared_experts.gate_proj": "colwise",
     "model.layers.*.mlp.shared_experts.up_proj": "colwise",
     "model.layers.*.mlp.shared_experts.down_proj": "rowwise",
+    "model.layers.*.mlp.experts": "deepseek_v32_local_experts",
     "lm_head": "colwise_gather_output",
 }
 
@@ -60,6 +63,17 @@ def _sharded_modules(model) -> list[str]:
             module = name.rpartition(".")[0]
             names.add(".".join("*" if part.isdigit() else part for part in module.split(".")))
     return sorted(names)
+
+
+def _routed_experts(model) -> dict:
+    """This rank's routed experts: indices held per MoE layer (a None entry is an expert not materialized here)
+    and their parameter elements."""
+    held, elements = {}, 0
+    for name, module in model.named_modules():
+        if name.endswith("mlp.experts"):
+            held[name] = [index for index, expert in enumerate(module) if expert is not None]
+            elements += sum(p.numel() for p in module.parameters())
+    return {"held": held, "param_elements": elements}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
     expected_prefill, expected_decode = _prefill_and_decode(reference, ids, device)
     reference_memory = torch.cuda.max_memory_allocated(device) if not args.cpu else None
+    full_elements = sum(p.numel() for p in reference.parameters())
+    full_experts = _routed_experts(reference)
     del reference
     if not args.cpu:
         torch.cuda.empty_cache()
@@ -102,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, tp_plan="auto").eval()
     prefill, decode = _prefill_and_decode(model, ids, model.device)
     local_elements = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
-    full_elements = sum(p.numel() for p in model.parameters())  # a DTensor's numel is its global size
+    experts_per_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(experts_per_rank, _routed_experts(model))
     result = {
         "world_size": dist.get_world_size(),
         "max_abs_logit_diff_prefill": (prefill - expected_prefill).abs().max().item(),
@@ -111,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         "sharded_modules": _sharded_modules(model),
         "local_param_elements": local_elements,
         "full_param_elements": full_elements,
+        "routed_experts_per_layer": {name: len(held) for name, held in full_experts["held"].items()},
+        "routed_expert_param_elements_full": full_experts["param_elements"],
+        "routed_experts_per_rank": experts_per_rank,
     }
     if not args.cpu:
         result["peak_memory_bytes_unsharded"] = reference_memory

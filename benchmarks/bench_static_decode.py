@@ -32,6 +32,7 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (static: 2 eager + capture)")
     parser.add_argument("--generate-tokens", type=int, default=0, help="also time generate() at batch 1 (0: off)")
     parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--fp8", action="store_true", help="a random model with 128x128 block-FP8 linears (as --models ours_fp8 in bench_long_context.py)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--preset", default="bench", help=argparse.SUPPRESS)  # "tiny" + --device cpu: smoke test
     parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
@@ -121,7 +122,7 @@ def main(argv=None):
     from modeling_deepseek_v32.kernels import kernels_enabled
 
     args.models, args.time_budget = "ours", 0
-    model = common.build_ours(args, fp8=False)
+    model = common.build_ours(args, fp8=args.fp8)
     vocab = model.config.vocab_size
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     results = {"meta": {"device": torch.cuda.get_device_name() if args.device == "cuda" else args.device,

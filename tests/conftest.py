@@ -43,3 +43,11 @@ def kernel_switch(monkeypatch):
             monkeypatch.setenv("DEEPSEEK_V32_KERNELS", "0")
 
     return switch
+
+
+@pytest.fixture
+def use_kernels(kernel_switch, monkeypatch):
+    """``kernel_switch`` that also runs the kernels on CPU tensors, through Triton's interpreter (the test module
+    sets ``TRITON_INTERPRET=1`` before importing any kernel when there is no GPU)."""
+    monkeypatch.setattr(kernels, "ALLOW_CPU_INTERPRETER", True)
+    return kernel_switch

@@ -28,13 +28,6 @@ from modeling_deepseek_v32.testing_utils import IndexKeyCache, random_model, rel
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture
-def use_kernels(kernel_switch, monkeypatch):
-    """Kernels on (on CPU through the interpreter), errors raised instead of falling back; yields a switch."""
-    monkeypatch.setattr(kernels, "ALLOW_CPU_INTERPRETER", True)
-    return kernel_switch
-
-
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

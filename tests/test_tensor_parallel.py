@@ -162,6 +162,21 @@ def test_expert_shards_partial_sums_add_up_to_the_whole_layer(size):
     torch.testing.assert_close(sum(partials), expected, rtol=1e-6, atol=1e-6)
 
 
+def test_a_swapped_expert_module_is_the_one_that_runs():
+    moe = _moe()
+    shard = _shards(moe, 2)[1]
+    tokens = torch.randn(40, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        _, weights, experts = moe.gate(tokens)
+        before = shard.run_experts(tokens, weights, experts)
+        replacement = copy.deepcopy(shard.experts[5])
+        replacement.down_proj.weight.mul_(2)
+        shard.experts[5] = replacement
+        after = shard.run_experts(tokens, weights, experts)
+    assert expert_shard(shard.experts).local.experts[1] is replacement
+    assert (after - before).abs().max() > 0.1
+
+
 def test_expert_shards_through_the_grouped_kernel(kernel_switch, monkeypatch):
     """The kernel path of a shard (local slots as one-slot routing) against the loop of the whole layer."""
     pytest.importorskip("triton")

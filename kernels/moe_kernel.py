@@ -76,9 +76,10 @@ def _gate_up_kernel(
         w_offs = offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
         acc_g = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
         acc_u = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
-        if FP8:
-            gate_s = tl.load(GateScalePtrs + safe).to(tl.pointer_type(tl.float32)) + (offs_n // 128) * n_kb_w
-            up_s = tl.load(UpScalePtrs + safe).to(tl.pointer_type(tl.float32)) + (offs_n // 128) * n_kb_w
+        if FP8:  # BLOCK_N divides 128: one weight scale row per tile, read as a scalar per K block
+            scale_row = (tl.program_id(1) * BLOCK_N // 128) * n_kb_w
+            gate_s = tl.load(GateScalePtrs + safe).to(tl.pointer_type(tl.float32)) + scale_row
+            up_s = tl.load(UpScalePtrs + safe).to(tl.pointer_type(tl.float32)) + scale_row
         for k0 in range(0, K, BLOCK_K):
             k_mask = ((k0 + offs_k) < K) | EVEN_K  # all-true when the tiles divide K: unmasked, vectorized loads
             a = tl.load(a_ptrs + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(CDTYPE)
@@ -90,8 +91,9 @@ def _gate_up_kernel(
             if FP8:  # BLOCK_K == 128: one activation scale per row and one weight scale per column
                 kb = k0 // 128
                 xs = tl.load(XS + tokens * stride_xs + kb, mask=m_mask, other=0.0)
-                acc_g += part_g * xs[:, None] * tl.load(gate_s + kb, mask=n_mask, other=0.0)[None, :]
-                acc_u += part_u * xs[:, None] * tl.load(up_s + kb, mask=n_mask, other=0.0)[None, :]
+                # xs is a power of two, so scaling by xs * w_scale rounds exactly like scaling by each in turn
+                acc_g += part_g * (xs * tl.load(gate_s + kb))[:, None]
+                acc_u += part_u * (xs * tl.load(up_s + kb))[:, None]
             else:
                 acc_g += part_g
                 acc_u += part_u
@@ -122,8 +124,8 @@ def _down_kernel(
         a_ptrs = A + rows[:, None] * stride_a + offs_k[None, :]
         w_ptrs = w + offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
         acc = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
-        if FP8:
-            w_s = tl.load(DownScalePtrs + safe).to(tl.pointer_type(tl.float32)) + (offs_n // 128) * n_kb_w
+        if FP8:  # BLOCK_N divides 128, as in _gate_up_kernel
+            w_s = tl.load(DownScalePtrs + safe).to(tl.pointer_type(tl.float32)) + (tl.program_id(1) * BLOCK_N // 128) * n_kb_w
         for k0 in range(0, K, BLOCK_K):
             k_mask = ((k0 + offs_k) < K) | EVEN_K  # all-true when the tiles divide K: unmasked, vectorized loads
             a = tl.load(a_ptrs + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(CDTYPE)
@@ -132,7 +134,7 @@ def _down_kernel(
             if FP8:
                 kb = k0 // 128
                 xs = tl.load(AS + rows * stride_as + kb, mask=m_mask, other=0.0)
-                acc += part * xs[:, None] * tl.load(w_s + kb, mask=n_mask, other=0.0)[None, :]
+                acc += part * (xs * tl.load(w_s + kb))[:, None]
             else:
                 acc += part
         slots = tl.load(Slots + offs_m, mask=m_mask, other=0).to(tl.int64)
@@ -195,6 +197,8 @@ def grouped_experts(
     slots = n_tokens * top_k
     block_m, block_n_gu, block_n_down, warps, stages = config or _config(slots, n_experts, fp8)
     block_k = 128 if fp8 else (32 if interpreting() else 64)
+    if fp8 and (128 % block_n_gu or 128 % block_n_down):
+        raise ValueError(f"FP8 experts need column tiles that divide 128 (one weight scale each), got {block_n_gu}/{block_n_down}")
 
     # Sort slots by expert on the device (stable: rows of one expert keep token order).
     sorted_experts, order = experts.reshape(-1).sort(stable=True)

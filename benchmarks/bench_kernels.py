@@ -165,7 +165,6 @@ def bench_masked(results, sweep):
             if sweep and seq == 8192:
                 configs += [dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st)
                             for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8) for st in (1, 2, 3)]  # fmt: skip
-                configs += [dict(skip_empty=True), dict(skip_empty=True, block_m=128, block_n=64, num_warps=8)]
             for cfg in configs:
                 try:
                     ms = _bench(lambda: masked_mla_attention(q_nope, q_rope, k_nope, k_rope, values, words, 0.1, **cfg))

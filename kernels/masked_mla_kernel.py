@@ -12,8 +12,8 @@ absorbed FLOPs, read as contiguous tiles on the tensor cores. Per query ``(b, s)
 Without a bitmap every causal key ``t <= past_len + s`` (and ``key_valid``) is selected: the model's dense regime
 (``T <= index_topk``). A query with no selected token gets zeros. The plain-PyTorch twin is
 ``DeepseekV32Attention._expanded`` / ``_attend`` in ``modeling_deepseek_v32/attention.py`` (gathers the same set;
-the order of summation differs). ``skip_empty`` skips tiles with no selected bit, at the price of a block-wide
-reduction per tile: slower for random selections (which leave no tile empty), so off by default.
+the order of summation differs). Every causal tile is computed, selected bits or not: skipping empty tiles costs
+a block-wide reduction per tile, which measured slower (benchmarks/NOTES.md).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import compute_dtype_for, interpreting, row_max, row_sum, vector_sum
+from ._common import compute_dtype_for, interpreting, row_max, row_sum
 
 _LOG2E = 1.4426950408889634
 
@@ -41,7 +41,7 @@ def _masked_mla_kernel(
     S, T, DN, DR, DV, past_len, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DN: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_WORDS: tl.constexpr, HAS_KVALID: tl.constexpr, SKIP_EMPTY: tl.constexpr,
+    HAS_WORDS: tl.constexpr, HAS_KVALID: tl.constexpr,
     CDTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
@@ -78,25 +78,24 @@ def _masked_mla_kernel(
         if HAS_KVALID:
             kval = tl.load(KVALID + b * stride_kvalb + offs_n, mask=n_mask, other=0)
             allowed = allowed & (kval != 0)[None, :]
-        if not SKIP_EMPTY or vector_sum(row_sum(allowed.to(tl.int32))) > 0:
-            cols = offs_n.to(tl.int64)
-            kn = tl.load(KN + b * stride_knb + cols[:, None] * stride_knt + h * stride_knh + offs_dn[None, :],
-                         mask=n_mask[:, None] & (offs_dn < DN)[None, :], other=0.0).to(CDTYPE)  # fmt: skip
-            kr = tl.load(KR + b * stride_krb + cols[:, None] * stride_krt + offs_dr[None, :],
-                         mask=n_mask[:, None] & (offs_dr < DR)[None, :], other=0.0).to(CDTYPE)  # fmt: skip
-            qk = tl.dot(qn, tl.trans(kn), input_precision=PRECISION)
-            qk = tl.dot(qr, tl.trans(kr), acc=qk, input_precision=PRECISION)
-            qk = tl.where(allowed, qk * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, row_max(qk))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_use)
-            p = tl.exp2(qk - m_use[:, None])
-            l_i = l_i * alpha + row_sum(p)
-            v = tl.load(V + b * stride_vb + cols[:, None] * stride_vt + h * stride_vh + offs_dv[None, :],
-                        mask=n_mask[:, None] & (offs_dv < DV)[None, :], other=0.0).to(CDTYPE)  # fmt: skip
-            acc = acc * alpha[:, None]
-            acc = tl.dot(p.to(CDTYPE), v, acc=acc, input_precision=PRECISION)
-            m_i = m_new
+        cols = offs_n.to(tl.int64)
+        kn = tl.load(KN + b * stride_knb + cols[:, None] * stride_knt + h * stride_knh + offs_dn[None, :],
+                     mask=n_mask[:, None] & (offs_dn < DN)[None, :], other=0.0).to(CDTYPE)  # fmt: skip
+        kr = tl.load(KR + b * stride_krb + cols[:, None] * stride_krt + offs_dr[None, :],
+                     mask=n_mask[:, None] & (offs_dr < DR)[None, :], other=0.0).to(CDTYPE)  # fmt: skip
+        qk = tl.dot(qn, tl.trans(kn), input_precision=PRECISION)
+        qk = tl.dot(qr, tl.trans(kr), acc=qk, input_precision=PRECISION)
+        qk = tl.where(allowed, qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, row_max(qk))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(qk - m_use[:, None])
+        l_i = l_i * alpha + row_sum(p)
+        v = tl.load(V + b * stride_vb + cols[:, None] * stride_vt + h * stride_vh + offs_dv[None, :],
+                    mask=n_mask[:, None] & (offs_dv < DV)[None, :], other=0.0).to(CDTYPE)  # fmt: skip
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(CDTYPE), v, acc=acc, input_precision=PRECISION)
+        m_i = m_new
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     o_ptrs = O + b * stride_ob + rows[:, None] * stride_os + h * stride_oh + offs_dv[None, :]
@@ -122,7 +121,6 @@ def masked_mla_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
-    skip_empty: bool = False,
 ) -> torch.Tensor:
     """Expanded-form attention; returns ``[B, S, H, v_head_dim]`` in ``q_nope.dtype``.
 
@@ -179,7 +177,7 @@ def masked_mla_attention(
         out.stride(0), out.stride(1), out.stride(2),
         seq, total, dn, dr, dv, past_len, float(scale) * _LOG2E,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DN=_pow2(dn), BLOCK_DR=_pow2(dr), BLOCK_DV=_pow2(dv),
-        HAS_WORDS=has_words, HAS_KVALID=has_kvalid, SKIP_EMPTY=skip_empty, CDTYPE=cdtype, PRECISION=precision,
+        HAS_WORDS=has_words, HAS_KVALID=has_kvalid, CDTYPE=cdtype, PRECISION=precision,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out

@@ -135,10 +135,10 @@ class DeepseekV32Indexer(nn.Module):
         if not self.use_fp8:
             return x, None
         rotated = hadamard_rotate(x)
-        if self.head_dim == INDEX_FP8_BLOCK:
-            fused = _kernels.fp8_quantize_rows(rotated)
-            if fused is not None:
-                return fused
+        # The kernel's 128-wide blocks equal the twin's min(128, head_dim) ones: a shorter row is one block either way.
+        fused = _kernels.fp8_quantize_rows(rotated)
+        if fused is not None:
+            return fused
         return quantize_blockwise_1d(rotated, min(INDEX_FP8_BLOCK, self.head_dim), scale_fmt="ue8m0")
 
     def _dequantize(self, x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:

@@ -201,10 +201,11 @@ def test_masked_kernel_checks_its_bitmap():
         masked_mla_attention(q_nope, q_rope, k_nope, k_rope, values, torch.zeros(1, 4, 3, dtype=torch.int32), 0.1)
 
 
-def test_indexer_fp8_quantization_kernel_is_bit_identical(use_kernels):
-    """At index_head_dim 128 the indexer quantizes its rotated q/k with the FP8 GEMM's activation kernel."""
-    indexer = DeepseekV32Indexer(tiny_config(index_fp8=True, index_n_heads=4, index_head_dim=128), 0).to(DEVICE)
-    x = _randn(2, 9, 4, 128, seed=11) * 5
+@pytest.mark.parametrize("head_dim", [16, 128, 256])
+def test_indexer_fp8_quantization_kernel_is_bit_identical(use_kernels, head_dim):
+    """The indexer quantizes its rotated q/k with the FP8 GEMM's activation kernel (one block below 128 dims)."""
+    indexer = DeepseekV32Indexer(tiny_config(index_fp8=True, index_n_heads=4, index_head_dim=head_dim), 0).to(DEVICE)
+    x = _randn(2, 9, 4, head_dim, seed=11) * 5
     x[0, 0, 0] = 0  # an all-zero row: floored amax
     use_kernels(False)
     expected = indexer._quantize(x)
